@@ -36,6 +36,10 @@ What each side receives
   normal parts of Up, Vp into M (keeping the ambient matrix), pymanopt discards
   them; the diff column compares the Up and Vp blocks only. pymanopt evaluates
   ``u @ u.T @ Up`` left to right, an m x m temporary.
+* ``kernel U (U^T A)``, ``kernel qr(m x 2r)``: not pymanopt, the backends. The same
+  product chain (``A`` m x r) and the same QR, called from torch and from numpy on
+  the same data: the ratio the BLAS / LAPACK libraries alone give (torch's CPU build
+  links MKL, numpy's wheel OpenBLAS), against which the op rows can be read.
 * ``inner``, ``random``: as named (``random`` has no diff: different RNGs; the
   orthonormality error of both outputs is recorded instead).
 """
@@ -225,6 +229,24 @@ def main(argv=None):
             lambda: man.random_point(),
             0,
             None,
+        )
+        # The backends themselves: the same BLAS / LAPACK call from torch (MKL on the CPU
+        # build) and numpy (OpenBLAS), on the same data. A gap here is not ours to close.
+        up_np = to_np(mf.unpack(xi)[0])
+        u_np, ua_np = to_np(u), np.ascontiguousarray(np.hstack([to_np(u), up_np]))
+        ua = torch.from_numpy(ua_np).to(dev)
+        up_t = mf.unpack(xi)[0]
+        ops["kernel U (U^T A)"] = (
+            lambda: u @ (u.mT @ up_t),
+            lambda: u_np @ (u_np.T @ up_np),
+            0,
+            lambda o, t: float(np.abs(to_np(o) - t).max()),
+        )
+        ops["kernel qr(m x 2r)"] = (
+            lambda: torch.linalg.qr(ua),
+            lambda: np.linalg.qr(ua_np),
+            0,
+            lambda o, t: float(np.abs(np.abs(to_np(o[1])) - np.abs(t[1])).max()),
         )
         size_res = {"m": m, "n": n, "r": r, "ops": {}}
         for name, (ours, theirs, tbytes, check) in ops.items():

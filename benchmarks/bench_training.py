@@ -15,7 +15,11 @@ data (fixed inputs and labels, cross entropy). One *training step* is
   ``geoopt.optim.RiemannianAdam`` on all parameters;
 * ``GeometricAdam``: ``lowrank_manifolds.optim.GeometricAdam`` (fixed rank);
 * ``DLRT abc-PSI`` / ``DLRT augmented BUG``: ``DLRT(low-rank weights, integrator=...,
-  model=model)`` with a ``GradientRecorder``, Adam on the other parameters (fixed rank).
+  model=model)`` with a ``GradientRecorder``, Adam on the other parameters (fixed rank);
+* ``floor: LoRA + Adam + retraction kernels``: not a method but a bound. LoRA + Adam's
+  step plus, per low-rank layer, the kernels a metric retraction cannot avoid (QRs of
+  random m x 2r and n x 2r matrices, SVD of a 2r x 2r one). No retraction-based step
+  whose forward and backward cost what LoRA's do can beat this ratio.
 
 All six are timed interleaved in one process (``_timing.compare``); the table gives
 the median of per-round paired ratios method / LoRA + Adam. A second, instrumented
@@ -58,10 +62,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
 
 MLP_SIZES = (784, 1024, 1024, 10)
-MLP_METHODS = ("LoRA + Adam", "dense + Adam", "geoopt RiemannianAdam", "GeometricAdam",
-               "DLRT abc-PSI", "DLRT augmented BUG")
-BIG_METHODS = ("LoRA + Adam", "geoopt RiemannianAdam", "DLRT abc-PSI")
 TARGETS = {"geoopt RiemannianAdam": 1.5, "DLRT abc-PSI": 1.6}
+# Not a training method: LoRA + Adam's step followed by the kernels one metric retraction
+# of each low-rank layer cannot avoid (QRs of m x 2r and n x 2r, SVD of 2r x 2r). Its ratio
+# is the floor of any retraction-based step (fwd + bwd as cheap as LoRA's, nothing else).
+FLOOR = "floor: LoRA + Adam + retraction kernels"
+MLP_METHODS = ("LoRA + Adam", "dense + Adam", "geoopt RiemannianAdam", "GeometricAdam",
+               "DLRT abc-PSI", "DLRT augmented BUG", FLOOR)
+BIG_METHODS = ("LoRA + Adam", "geoopt RiemannianAdam", "DLRT abc-PSI")
 ADAM_LR = 1e-3
 DLRT_LR = 0.05
 
@@ -121,7 +129,7 @@ def build(part, method, args, dev):
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     r = args.rank
     if part == "mlp":
-        kind = {"LoRA + Adam": "lora", "dense + Adam": "dense"}.get(method, "lowrank")
+        kind = {"LoRA + Adam": "lora", FLOOR: "lora", "dense + Adam": "dense"}.get(method, "lowrank")
         layers = []
         for i, (n, m) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:])):
             hidden = i < len(MLP_SIZES) - 2
@@ -153,7 +161,7 @@ def build(part, method, args, dev):
 
     low = [p for p in model.parameters() if isinstance(p, geoopt.ManifoldParameter)]
     other = [p for p in model.parameters() if not isinstance(p, geoopt.ManifoldParameter)]
-    if method in ("LoRA + Adam", "dense + Adam"):
+    if method in ("LoRA + Adam", "dense + Adam", FLOOR):
         opt = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
     elif method == "geoopt RiemannianAdam":
         opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=ADAM_LR)
@@ -168,6 +176,23 @@ def build(part, method, args, dev):
 
     phases = {"fwd_bwd": [], "opt": []}
     sync = _timing.make_sync(str(dev))
+    kernels = []
+    if method == FLOOR:
+        for layer in model:
+            if hasattr(layer, "q"):  # a low-rank hidden layer (LoRA factors p: m x r, q: n x r)
+                m_, n_ = layer.p.shape[0], layer.q.shape[0]
+                kernels.append((torch.randn(m_, 2 * r, generator=gen).to(**f),
+                                torch.randn(n_, 2 * r, generator=gen).to(**f),
+                                torch.randn(2 * r, 2 * r, generator=gen).to(**f)))
+        base_step = opt.step
+
+        def opt_step():
+            base_step()
+            for qa, qb, core in kernels:
+                torch.linalg.qr(qa)
+                torch.linalg.qr(qb)
+                torch.linalg.svd(core)
+        opt.step = opt_step
 
     def step():
         opt.zero_grad()
@@ -289,6 +314,8 @@ def _measure_part(results, part, methods, args, dev, budget):
         return
     results[part + "_memory"] = {}
     for m in methods:
+        if m == FLOOR:
+            continue
         results[part + "_memory"][m] = mem = memory_of(part, m, args)
         print(f"  mem {m:24s} {mem.get('peak_growth_bytes', 0) / 2**20:8.1f} MiB  largest "
               f"{mem.get('largest_bytes', 0) / 2**20:.2f} MiB {mem.get('largest_shape')} {mem.get('error', '')[-300:]}",

@@ -90,10 +90,10 @@ def read_bytes(files, cap_bytes):
 
 
 def load(args):
-    root, train_files, val_files = stdlib_files()
+    _, train_files, val_files = stdlib_files()
     train, n_train = read_bytes(train_files, args.train_kb * 1024)
     val, n_val = read_bytes(val_files, args.val_kb * 1024)
-    info = f"{root} ({n_train} train files, {len(train)} bytes; {n_val} val files, {len(val)} bytes)"
+    info = f"of Python {sysconfig.get_python_version()} ({n_train} train files, {len(train)} bytes; {n_val} val files, {len(val)} bytes)"
     return train, val, info
 
 
@@ -420,36 +420,42 @@ def plot(results, name, title, args):
     save_figure(fig, name)
 
 
-def main():
-    def add(p):
-        p.add_argument("--part", choices=["a", "b", "all"], default="all")
-        p.add_argument("--steps", type=int, default=300)
-        p.add_argument("--warmup", type=int, default=30)
-        p.add_argument("--batch", type=int, default=32)
-        p.add_argument("--context", type=int, default=64)
-        p.add_argument("--width", type=int, default=128)
-        p.add_argument("--heads", type=int, default=4)
-        p.add_argument("--layers", type=int, default=2)
-        p.add_argument("--rank", type=int, default=32, help="rank (capacity) of the low-rank MLP matrices")
-        p.add_argument("--tol", type=float, default=0.05, help="relative truncation tolerance (rank adaptive)")
-        p.add_argument("--lr-adam", type=float, default=3e-3, help="Adam (dense model)")
-        p.add_argument("--lr-lora", type=float, default=3e-3, help="Adam on LoRA factors")
-        p.add_argument("--lr-geo", type=float, default=3e-3, help="GeometricAdam")
-        p.add_argument("--lr-dlrt", type=float, default=1.0, help="DLRT step size h (dense params: --lr-adam)")
-        p.add_argument("--lr-lorapre", type=float, default=3e-3, help="LoRAPreAdam")
-        p.add_argument("--muon", action="store_true", help="part b: add the LoRA-Pre Muon variant")
-        p.add_argument("--lorapre-scope", choices=["blocks", "all"], default="blocks",
-                       help="part b: factor only the blocks' linear weights (default; embeddings, head, "
-                            "vectors keep dense Adam state) or every weight matrix")
-        p.add_argument("--grid", action="store_true", help="each method at lr x {1/3, 1, 3}, keep the best")
-        p.add_argument("--only", default="", help="comma-separated subset of the methods (for lr sweeps)")
-        p.add_argument("--tag", default="", help="suffix of the output files")
-        p.add_argument("--eval-every", type=int, default=25)
-        p.add_argument("--eval-batches", type=int, default=8)
-        p.add_argument("--train-kb", type=int, default=2048)
-        p.add_argument("--val-kb", type=int, default=256)
+def add_arguments(p):
+    p.add_argument("--part", choices=["a", "b", "all"], default="all")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rank", type=int, default=32, help="rank (capacity) of the low-rank MLP matrices")
+    p.add_argument("--tol", type=float, default=0.05, help="relative truncation tolerance (rank adaptive)")
+    p.add_argument("--lr-adam", type=float, default=3e-3, help="Adam (dense model)")
+    p.add_argument("--lr-lora", type=float, default=3e-3, help="Adam on LoRA factors")
+    p.add_argument("--lr-geo", type=float, default=3e-3, help="GeometricAdam")
+    p.add_argument("--lr-dlrt", type=float, default=1.0, help="DLRT step size h (dense params: --lr-adam)")
+    p.add_argument("--lr-lorapre", type=float, default=3e-3, help="LoRAPreAdam")
+    p.add_argument("--muon", action="store_true", help="part b: add the LoRA-Pre Muon variant")
+    p.add_argument("--lorapre-scope", choices=["blocks", "all"], default="blocks",
+                   help="part b: factor only the blocks' linear weights (default; embeddings, head, "
+                        "vectors keep dense Adam state) or every weight matrix")
+    p.add_argument("--grid", action="store_true", help="each method at lr x {1/3, 1, 3}, keep the best")
+    p.add_argument("--only", default="", help="comma-separated subset of the methods (for lr sweeps)")
+    p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--train-kb", type=int, default=2048)
+    p.add_argument("--val-kb", type=int, default=256)
 
-    args = parse_args(__doc__.splitlines()[0], add)
+
+def parse(argv=None):
+    """The script's arguments (``argv=None``: the command line); seeds and sets the threads."""
+    return parse_args(__doc__.splitlines()[0], add_arguments, argv)
+
+
+def main():
+    args = parse()
     if args.quick:
         args.steps, args.warmup, args.eval_every, args.eval_batches = 60, 6, 20, 4
         args.batch, args.layers, args.grid = 16, 1, False
@@ -457,7 +463,7 @@ def main():
     vgen = torch.Generator().manual_seed(1234)
     val_batches = [batch(val, args.context, args.batch, vgen) for _ in range(args.eval_batches)]
     header = (
-        f"Char transformer on the Python stdlib sources {info}; {args.layers} layers, width {args.width}, "
+        f"Char transformer on the standard library sources {info}; {args.layers} layers, width {args.width}, "
         f"{args.heads} heads, context {args.context}, batch {args.batch}, {args.steps} steps "
         f"(warm-up {args.warmup}, cosine to 10%), betas {BETAS}, MLP rank {args.rank}, tol {args.tol}, "
         f"seed {args.seed}, {torch.get_num_threads()} thread(s); val loss on {args.eval_batches} fixed "
