@@ -178,7 +178,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "lorapre_moments.md"), "w") as fh:
         fh.write(md)
     with open(os.path.join(args.out, "lorapre_moments.json"), "w") as fh:
-        json.dump(dict(runs=runs, energy=energy, config=vars(args)), fh, indent=1)
+        json.dump(dict(runs=runs, energy=energy, config={k: v for k, v in vars(args).items() if k != "out"}),
+                  fh, indent=1)
     print(md)
 
 
