@@ -431,10 +431,11 @@ def add_arguments(p):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rank", type=int, default=32, help="rank (capacity) of the low-rank MLP matrices")
     p.add_argument("--tol", type=float, default=0.05, help="relative truncation tolerance (rank adaptive)")
-    p.add_argument("--lr-adam", type=float, default=3e-3, help="Adam (dense model)")
-    p.add_argument("--lr-lora", type=float, default=3e-3, help="Adam on LoRA factors")
-    p.add_argument("--lr-geo", type=float, default=3e-3, help="GeometricAdam")
-    p.add_argument("--lr-dlrt", type=float, default=1.0, help="DLRT step size h (dense params: --lr-adam)")
+    p.add_argument("--lr-adam", type=float, default=9e-3, help="Adam (dense model; best of the grid)")
+    p.add_argument("--lr-lora", type=float, default=9e-3, help="Adam on LoRA factors (best of the grid)")
+    p.add_argument("--lr-geo", type=float, default=9e-3, help="GeometricAdam (best of the grid)")
+    p.add_argument("--lr-dlrt", type=float, default=9.0,
+                   help="DLRT step size h (best of the grid; dense params: --lr-adam)")
     p.add_argument("--lr-lorapre", type=float, default=3e-3, help="LoRAPreAdam")
     p.add_argument("--muon", action="store_true", help="part b: add the LoRA-Pre Muon variant")
     p.add_argument("--lorapre-scope", choices=["blocks", "all"], default="blocks",
