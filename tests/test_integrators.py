@@ -286,6 +286,26 @@ def test_truncation_clipping_padding_and_batches():
     assert (dense(*trimmed) - ref).norm() < 1e-13
 
 
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("r", [2, 4, 6])
+def test_fixed_rank_truncation_is_the_best_rank_r_approximation(r, pad):
+    # min_rank == max_rank takes a path without rank computation or masks: it must still
+    # return the Eckart-Young truncation, with zero columns where the core (k = 4) is narrower
+    g = torch.Generator().manual_seed(r)
+    k = 4
+    U, _ = torch.linalg.qr(torch.randn(3, 9, k, generator=g, dtype=DT))
+    V, _ = torch.linalg.qr(torch.randn(3, 7, k, generator=g, dtype=DT))
+    core = torch.randn(3, k, k, generator=g, dtype=DT)
+    U1, S1, V1 = Truncation(0.0, min_rank=r, max_rank=r, pad=pad)(U, core, V)
+    width = r if pad else min(r, k)
+    assert U1.shape == (3, 9, width) and S1.shape == (3, width, width) and V1.shape == (3, 7, width)
+    assert (U1[..., k:] == 0).all() and (V1[..., k:] == 0).all() and (S1[..., k:, :] == 0).all()
+    p, s, qh = torch.linalg.svd(dense(U, core, V))
+    keep = min(r, k)
+    best = p[..., :keep] @ torch.diag_embed(s[..., :keep]) @ qh[..., :keep, :]
+    assert (dense(U1, S1, V1) - best).norm() < 1e-12
+
+
 # -------------------------------------------------------------- robustness
 def test_robust_integrators_do_not_degrade_as_sigma_min_goes_to_zero():
     r, h, steps = 4, 0.02, 10
