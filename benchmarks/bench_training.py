@@ -12,7 +12,8 @@ data (fixed inputs and labels, cross entropy). One *training step* is
   ``nn.Parameter`` factors (m x r, n x r), ``torch.optim.Adam``;
 * ``dense + Adam``: ``nn.Linear`` everywhere, ``torch.optim.Adam``;
 * ``geoopt RiemannianAdam``: ``LowRankLinear`` hidden layers, stock
-  ``geoopt.optim.RiemannianAdam`` on all parameters;
+  ``geoopt.optim.RiemannianAdam`` on all parameters; the same with
+  ``LowRankLinear(..., retraction="orthographic")`` (QRs of m x r instead of m x 2r);
 * ``GeometricAdam``: ``lowrank_manifolds.optim.GeometricAdam`` (fixed rank);
 * ``DLRT abc-PSI`` / ``DLRT augmented BUG``: ``DLRT(low-rank weights, integrator=...,
   model=model)`` with a ``GradientRecorder``, Adam on the other parameters (fixed rank);
@@ -67,7 +68,8 @@ TARGETS = {"geoopt RiemannianAdam": 1.5, "DLRT abc-PSI": 1.6}
 # of each low-rank layer cannot avoid (QRs of m x 2r and n x 2r, SVD of 2r x 2r). Its ratio
 # is the floor of any retraction-based step (fwd + bwd as cheap as LoRA's, nothing else).
 FLOOR = "floor: LoRA + Adam + retraction kernels"
-MLP_METHODS = ("LoRA + Adam", "dense + Adam", "geoopt RiemannianAdam", "GeometricAdam",
+ORTHO = "geoopt RiemannianAdam, orthographic retraction"
+MLP_METHODS = ("LoRA + Adam", "dense + Adam", "geoopt RiemannianAdam", ORTHO, "GeometricAdam",
                "DLRT abc-PSI", "DLRT augmented BUG", FLOOR)
 BIG_METHODS = ("LoRA + Adam", "geoopt RiemannianAdam", "DLRT abc-PSI")
 ADAM_LR = 1e-3
@@ -134,7 +136,8 @@ def build(part, method, args, dev):
         for i, (n, m) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:])):
             hidden = i < len(MLP_SIZES) - 2
             if hidden and kind == "lowrank":
-                layers.append(LowRankLinear(n, m, rank=r, **f))
+                retraction = "orthographic" if method == ORTHO else "metric"
+                layers.append(LowRankLinear(n, m, rank=r, retraction=retraction, **f))
             elif hidden and kind == "lora":
                 layers.append(LoRALinear(n, m, r, **f))
             else:
@@ -163,7 +166,7 @@ def build(part, method, args, dev):
     other = [p for p in model.parameters() if not isinstance(p, geoopt.ManifoldParameter)]
     if method in ("LoRA + Adam", "dense + Adam", FLOOR):
         opt = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
-    elif method == "geoopt RiemannianAdam":
+    elif method in ("geoopt RiemannianAdam", ORTHO):
         opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=ADAM_LR)
     elif method == "GeometricAdam":
         opt = GeometricAdam(model.parameters(), lr=ADAM_LR)

@@ -187,14 +187,15 @@ def _check_capacity(max_rank, rank: int, m: int, n: int, what: str) -> Optional[
     return max_rank
 
 
-def _make_manifold(m: int, n: int, rank: int, max_rank, tol) -> FixedRankManifold:
+def _make_manifold(m: int, n: int, rank: int, max_rank, tol, retraction="metric") -> FixedRankManifold:
     """The weight's manifold: fixed rank, or rank-adaptive with capacity ``max_rank`` and
-    truncation tolerance ``tol`` (relative)."""
+    truncation tolerance ``tol`` (relative); ``retraction`` as :class:`FixedRankManifold`'s."""
     if max_rank is None:
         if tol not in (None, 0, 0.0):
             raise ValueError("tol is the rank-adaptive truncation tolerance: it needs max_rank")
-        return FixedRankManifold(m, n, rank)
-    return FixedRankManifold(m, n, rank, max_rank=max_rank, tol=0.0 if tol is None else tol)
+        return FixedRankManifold(m, n, rank, retraction=retraction)
+    return FixedRankManifold(m, n, rank, max_rank=max_rank, tol=0.0 if tol is None else tol,
+                             retraction=retraction)
 
 
 def _manifold_repr(mf: FixedRankManifold) -> str:
@@ -253,8 +254,9 @@ class _LowRankWeight(_ManifoldModule):
 
     weight: geoopt.ManifoldParameter
 
-    def _init_weight(self, m: int, n: int, rank: int, max_rank, tol, factory: dict) -> None:
-        manifold = _make_manifold(m, n, rank, max_rank, tol)
+    def _init_weight(self, m: int, n: int, rank: int, max_rank, tol, factory: dict,
+                     retraction="metric") -> None:
+        manifold = _make_manifold(m, n, rank, max_rank, tol, retraction)
         point = torch.empty(manifold.packed_shape, **factory)
         self.weight = geoopt.ManifoldParameter(
             geoopt.ManifoldTensor(point, manifold=manifold), manifold=manifold
@@ -380,6 +382,13 @@ class LowRankLinear(_LowRankWeight):
         Relative truncation tolerance of the rank-adaptive manifold (only with
         ``max_rank``): keep the smallest rank whose discarded singular values have
         norm ``<= tol * ||s||``. ``0`` (default) drops only exact zeros.
+    retraction : {"metric", "orthographic"}
+        The manifold's retraction, which stock geoopt optimizers use (see
+        :meth:`~lowrank_manifolds.FixedRankManifold.retr`). ``"metric"`` (default):
+        QRs of ``m x 2r`` and ``n x 2r``, robust to any step. ``"orthographic"``: QRs
+        of ``m x r`` and ``n x r``, 13-17 % faster per RiemannianAdam step on the
+        benchmark MLP (``docs/benchmarks.md``), but it needs ``S + M`` invertible and keeps the rank fixed (no
+        ``max_rank``).
     dtype, device
         Factory arguments of the parameters.
 
@@ -413,6 +422,7 @@ class LowRankLinear(_LowRankWeight):
         *,
         max_rank: Optional[int] = None,
         tol: float = 0.0,
+        retraction: str = "metric",
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
@@ -422,7 +432,7 @@ class LowRankLinear(_LowRankWeight):
         _check_rank(rank, out_features, in_features, "LowRankLinear")
         _check_capacity(max_rank, rank, out_features, in_features, "LowRankLinear")
         factory = dict(dtype=dtype, device=device)
-        self._init_weight(out_features, in_features, rank, max_rank, tol, factory)
+        self._init_weight(out_features, in_features, rank, max_rank, tol, factory, retraction)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
@@ -585,9 +595,9 @@ class LowRankConv2d(_LowRankWeight):
         as one matrix); other values raise ``ValueError``.
     bias : bool
     padding_mode : {"zeros", "reflect", "replicate", "circular"}
-    max_rank, tol
-        Capacity and truncation tolerance of a rank-adaptive layer, as in
-        :class:`LowRankLinear`.
+    max_rank, tol, retraction
+        Capacity and truncation tolerance of a rank-adaptive layer, and the
+        manifold's retraction, as in :class:`LowRankLinear`.
     dtype, device
 
     Notes
@@ -625,6 +635,7 @@ class LowRankConv2d(_LowRankWeight):
         *,
         max_rank: Optional[int] = None,
         tol: float = 0.0,
+        retraction: str = "metric",
         dtype: Optional[torch.dtype] = None,
         device=None,
     ):
@@ -664,7 +675,7 @@ class LowRankConv2d(_LowRankWeight):
         _check_rank(rank, out_channels, n, "LowRankConv2d")
         _check_capacity(max_rank, rank, out_channels, n, "LowRankConv2d")
         factory = dict(dtype=dtype, device=device)
-        self._init_weight(out_channels, n, rank, max_rank, tol, factory)
+        self._init_weight(out_channels, n, rank, max_rank, tol, factory, retraction)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:

@@ -491,6 +491,49 @@ def test_meta_device_forward_backward():
     assert ad(torch.empty(3, 16, device="meta")).shape == (3, 8)
 
 
+def test_orthographic_retraction_layers_train_and_keep_their_retraction():
+    torch.manual_seed(1)
+    lin = LowRankLinear(20, 16, 4, retraction="orthographic", dtype=DT)
+    conv = LowRankConv2d(3, 6, 3, 2, retraction="orthographic", dtype=DT)
+    assert lin.manifold.retraction == "orthographic" and conv.manifold.retraction == "orthographic"
+    # the optimizer's step is the manifold's orthographic map, not the metric one
+    x0 = lin.weight.detach().clone().as_subclass(torch.Tensor)
+    xi = lin.manifold.random_tangent(x0) * 0.3
+    ortho = FixedRankManifold(16, 20, 4, retraction="orthographic").retr(x0, xi)
+    metric = FixedRankManifold(16, 20, 4).retr(x0, xi)
+    torch.testing.assert_close(lin.manifold.retr(x0, xi), ortho)
+    assert (lin.manifold.to_dense(ortho) - lin.manifold.to_dense(metric)).norm() > 1e-6
+    x = torch.randn(64, 20, dtype=DT)
+    planted = torch.randn(16, 4, dtype=DT) @ torch.randn(4, 20, dtype=DT) * 0.3  # rank 4: reachable
+    target = x @ planted.T
+
+    def train(retraction):
+        torch.manual_seed(2)
+        layer = LowRankLinear(20, 16, 4, retraction=retraction, dtype=DT)
+        opt = geoopt.optim.RiemannianAdam(layer.parameters(), lr=0.2)
+        for _ in range(100):
+            opt.zero_grad()
+            loss = F.mse_loss(layer(x), target)
+            loss.backward()
+            opt.step()
+        return layer, loss.item()
+
+    start = F.mse_loss(LowRankLinear(20, 16, 4, dtype=DT)(x), target).item()
+    lin, loss_ortho = train("orthographic")
+    _, loss_metric = train("metric")
+    assert loss_ortho < 0.05 * start
+    # both retractions are second order: Adam's small steps give nearly the same path
+    assert abs(loss_ortho - loss_metric) < 0.05 * loss_metric
+    assert lin.manifold.check_point_on_manifold(lin.weight, atol=1e-10)
+    # re-wrapped parameters keep the manifold, retraction included
+    moved = LowRankLinear(20, 16, 4, retraction="orthographic", device="meta").to_empty(device="cpu")
+    assert moved.weight.manifold.retraction == "orthographic"
+    with pytest.raises(ValueError, match="orthographic"):
+        LowRankLinear(20, 16, 4, max_rank=6, retraction="orthographic")
+    with pytest.raises(ValueError, match="retraction"):
+        LowRankLinear(20, 16, 4, retraction="cayley")
+
+
 def test_module_conversions_keep_manifold_parameter():
     lin = LowRankLinear(12, 10, 3, device="meta").to_empty(device="cpu")
     assert isinstance(lin.weight, geoopt.ManifoldParameter) and lin.weight.manifold.rank == 3
