@@ -294,6 +294,62 @@ def test_state_memory_formula():
 
 
 # --------------------------------------------------------------------------
+# factor_first_moment=False: dense first moment, factored second moment
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,rank", [((5, 5), 5), ((9, 6), 2), ((4, 11), 3)])
+def test_dense_first_moment_is_adams_ema_with_factored_denominator(shape, rank):
+    """m is Adam's exact EMA at any rank; the denominator is the same factored |g| EMA
+    as in the default mode (the two optimizers get the same gradients, so their
+    second-moment factors must agree to rounding)."""
+    gen = _gen(11)
+    p, q = shape
+    x = torch.randn(30, q, dtype=F64, generator=gen)
+    y = torch.randn(30, p, dtype=F64, generator=gen)
+    w0 = torch.randn(p, q, dtype=F64, generator=gen)
+    lr, (b1, b2), eps, wd = 1e-2, (0.9, 0.99), 1e-8, 0.02
+    w = w0.clone().requires_grad_(True)
+    opt = LoRAPreAdam([w], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, rank=rank,
+                      always_factor=True, factor_first_moment=False)
+    shadow = LoRAPreAdam([torch.zeros(p, q, dtype=F64, requires_grad=True)], betas=(b1, b2),
+                         rank=rank, always_factor=True)
+    ref = w0.clone()
+    m = torch.zeros_like(ref)
+    for t in range(1, 26):
+        opt.zero_grad()
+        (0.5 * ((x @ w.T - y) ** 2).sum()).backward()
+        g = w.grad.clone()
+        opt.step()
+        _feed(shadow, shadow.param_groups[0]["params"][0], g)
+        u_hat = shadow.moments(shadow.param_groups[0]["params"][0])[1].abs() / (1 - math.sqrt(b2) ** t)
+        m = b1 * m + (1 - b1) * g
+        ref = ref * (1 - lr * wd) - lr / (1 - b1**t) * m / (u_hat + eps)
+        m_opt, s_opt = opt.moments(w)
+        assert _rel_err(m_opt, m) < 1e-12
+        assert _rel_err(w.detach(), ref) < 1e-9
+        assert torch.equal(s_opt, shadow.moments(shadow.param_groups[0]["params"][0])[1])
+
+
+def test_dense_first_moment_memory_round_trip_and_planted_problem():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24)
+    opt = LoRAPreAdam(lin.parameters(), rank=4, factor_first_moment=False)
+    lin(torch.randn(3, 40)).sum().backward()
+    opt.step()
+    st_w = opt.state[lin.weight]
+    assert set(st_w) == {"step", "exp_avg", "v_B", "v_A"} and opt.is_factored(lin.weight)
+    assert opt.state_numel() == 24 * 40 + (24 + 40) * 4 + 2 * 24  # p q + (p + q) r + bias
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = LoRAPreAdam(lin.parameters(), rank=4, factor_first_moment=False)
+    opt2.load_state_dict(torch.load(buf))
+    for k, v in st_w.items():
+        assert torch.equal(v, opt2.state[lin.weight][k])
+    l0, l_dense_m, _ = _train(lambda ps: LoRAPreAdam(ps, lr=1e-2, rank=16, factor_first_moment=False))
+    assert math.isfinite(l_dense_m) and l_dense_m < l0 / 10
+
+
+# --------------------------------------------------------------------------
 # Optimisation quality on a planted problem
 # --------------------------------------------------------------------------
 def _teacher_student(seed: int):
@@ -449,6 +505,8 @@ def test_low_precision_param_keeps_dtype():
         (dict(rank=True), "rank"),
         (dict(second_moment="cube"), "second_moment"),
         (dict(solve_eps=-1.0), "solve_eps"),
+        (dict(factor_first_moment=0), "factor_first_moment"),
+        (dict(factor_first_moment=False, muon=True), "muon"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, word):

@@ -128,6 +128,18 @@ recovers. ``second_moment="square"`` is far worse at low rank (the clamp sends
 entries of ``v`` to zero and the run diverges to NaN on that problem) and is
 meant for verification at full rank.
 
+Factoring only the second moment
+--------------------------------
+``factor_first_moment=False`` keeps Adam's dense first moment (the exact EMA,
+``p q`` numbers) and factors only the second-moment quantity, for ``p q +
+(p + q) r`` numbers per matrix instead of ``2 p q``. On the character
+transformer of ``examples/`` the rank-``d/8`` first moment is what costs
+LoRA-Pre its validation loss (1.12-1.13x Adam's), while the factored second
+moment alone costs 1.006-1.018x (``benchmarks/study_lorapre_moments.py``,
+``docs/lora_pre.md``): this variant trades memory back for that loss. It is not
+part of the paper's method, and it cannot be combined with ``muon=True`` (whose
+point is the factored first moment).
+
 Muon variant
 ------------
 With ``muon=True`` only the first moment is factored (no second pair of
@@ -173,8 +185,6 @@ from torch.optim import Optimizer
 __all__ = ["LoRAPreAdam", "matrix_shape", "factored_rank", "newton_schulz"]
 
 _SECOND_MOMENT_MODES = ("abs", "square")
-_FACTOR_KEYS = ("m_B", "m_A", "v_B", "v_A")
-_DENSE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def matrix_shape(shape: Iterable[int]) -> Optional[Tuple[int, int]]:
@@ -390,11 +400,18 @@ class LoRAPreAdam(Optimizer):
         then only matter for the parameters with dense Adam state.
     ns_steps : int, optional
         Newton--Schulz iterations of the Muon variant (default ``5``).
+    factor_first_moment : bool, optional
+        ``True`` (default, the paper's method): both moments factored.
+        ``False``: Adam's dense first moment and a factored second moment,
+        ``p q + (p + q) r`` numbers per matrix (see the module docstring); not
+        with ``muon=True``.
 
     Notes
     -----
     State per factored parameter: ``step`` (a 0-d tensor on the parameter's
-    device), ``m_B``, ``m_A``, ``v_B``, ``v_A``. State per dense parameter:
+    device), ``m_B``, ``m_A``, ``v_B``, ``v_A`` (with
+    ``factor_first_moment=False``: ``exp_avg``, a dense ``p x q`` matrix, in
+    place of ``m_B``, ``m_A``). State per dense parameter:
     ``step``, ``exp_avg``, ``exp_avg_sq`` exactly as in ``torch.optim.Adam``.
     :meth:`step` performs no host-device synchronisation.
     """
@@ -413,6 +430,7 @@ class LoRAPreAdam(Optimizer):
         always_factor: bool = False,
         muon: bool = False,
         ns_steps: int = 5,
+        factor_first_moment: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -425,6 +443,7 @@ class LoRAPreAdam(Optimizer):
             always_factor=always_factor,
             muon=muon,
             ns_steps=ns_steps,
+            factor_first_moment=factor_first_moment,
         )
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -469,6 +488,11 @@ class LoRAPreAdam(Optimizer):
             raise ValueError(f"Invalid ns_steps: {ns!r} (need an integer >= 1)")
         if not isinstance(group["always_factor"], bool):
             raise ValueError(f"Invalid always_factor: {group['always_factor']!r} (need a bool)")
+        first = group.get("factor_first_moment", True)
+        if not isinstance(first, bool):
+            raise ValueError(f"Invalid factor_first_moment: {first!r} (need a bool)")
+        if not first and group.get("muon", False):
+            raise ValueError("muon=True needs the factored first moment (factor_first_moment=True)")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group, validating its (possibly overridden) settings."""
@@ -492,8 +516,11 @@ class LoRAPreAdam(Optimizer):
             return
         g = grad.reshape(p.shape[0], -1)
         rows = g.shape[0]
-        state["m_B"] = torch.zeros(rows, r, dtype=p.dtype, device=p.device)
-        state["m_A"] = _top_right_singular_vectors(g, r)
+        if group["factor_first_moment"]:
+            state["m_B"] = torch.zeros(rows, r, dtype=p.dtype, device=p.device)
+            state["m_A"] = _top_right_singular_vectors(g, r)
+        else:
+            state["exp_avg"] = torch.zeros_like(g, memory_format=torch.contiguous_format)
         if group["muon"]:
             return
         state["v_B"] = torch.zeros(rows, r, dtype=p.dtype, device=p.device)
@@ -554,7 +581,7 @@ class LoRAPreAdam(Optimizer):
                     scale = 0.2 * math.sqrt(max(g.shape))
                     p.add_(ortho.view_as(p), alpha=-lr * scale)
                     continue
-                if "m_B" in state:
+                if "v_B" in state:
                     num, denom = self._factored_direction(grad, state, group, step_t)
                     num = num.view_as(p)
                     denom = denom.view_as(p)
@@ -573,14 +600,17 @@ class LoRAPreAdam(Optimizer):
         """Update the factors and return ``(m_t, d_t + eps)`` as matrices."""
         beta1, beta2 = group["betas"]
         mode, solve_eps = group["second_moment"], group["solve_eps"]
-        m_B, m_A, v_B, v_A = (state[k] for k in _FACTOR_KEYS)
-        g = grad.reshape(m_B.shape[0], -1)
-        _newton_pair_(m_B, m_A, g, 1.0 - math.sqrt(beta1), solve_eps)
+        v_B, v_A = state["v_B"], state["v_A"]
+        g = grad.reshape(v_B.shape[0], -1)
+        if "m_B" in state:
+            _newton_pair_(state["m_B"], state["m_A"], g, 1.0 - math.sqrt(beta1), solve_eps)
+            m = state["m_B"] @ state["m_A"]
+        else:  # factor_first_moment=False: Adam's own EMA
+            m = state["exp_avg"].lerp_(g, 1.0 - beta1)  # read-only below
         if mode == "abs":
             _newton_pair_(v_B, v_A, g.abs(), 1.0 - beta2 ** 0.25, solve_eps)
         else:
             _newton_pair_(v_B, v_A, g * g, 1.0 - math.sqrt(beta2), solve_eps)
-        m = m_B @ m_A
         s = v_B @ v_A
         if mode == "abs":
             bias2 = 1.0 - math.sqrt(beta2) ** step_t
@@ -609,20 +639,23 @@ class LoRAPreAdam(Optimizer):
             ``exp_avg_sq`` for parameters with dense state.
         """
         state = self.state[p]
-        if "m_B" in state and "v_B" not in state:  # Muon variant: no second moment
-            return (state["m_B"] @ state["m_A"]).view_as(p), None
+        if not state:
+            raise KeyError("parameter has no optimizer state yet")
         if "m_B" in state:
-            return ((state["m_B"] @ state["m_A"]).view_as(p),
-                    (state["v_B"] @ state["v_A"]).view_as(p))
-        if "exp_avg" in state:
-            return state["exp_avg"].clone(), state["exp_avg_sq"].clone()
-        raise KeyError("parameter has no optimizer state yet")
+            m = (state["m_B"] @ state["m_A"]).view_as(p)
+        else:
+            m = state["exp_avg"].clone().view_as(p)
+        if "v_B" in state:
+            return m, (state["v_B"] @ state["v_A"]).view_as(p)
+        if "exp_avg_sq" in state:
+            return m, state["exp_avg_sq"].clone()
+        return m, None  # Muon variant: no second moment
 
     def is_factored(self, p: Tensor) -> bool:
         """Whether ``p`` has (or will get) factored state."""
         state = self.state.get(p, {})
         if state:
-            return "m_B" in state
+            return "m_B" in state or "v_B" in state
         for group in self.param_groups:
             if any(q is p for q in group["params"]):
                 return factored_rank(p.shape, group["rank"], group["always_factor"]) is not None
