@@ -270,6 +270,8 @@ def make_optimizer(method, model, lr, args):
     kwargs = {}
     if "Muon" in method:
         kwargs["muon"] = True
+    if "dense-m" in method:
+        kwargs["factor_first_moment"] = False
     if args.lorapre_scope == "all":
         return LoRAPreAdam(model.parameters(), lr=lr, betas=BETAS, rank=rank, **kwargs)
     # blocks only: a rank >= min(p, q) makes LoRAPreAdam keep dense Adam state for every
@@ -371,6 +373,8 @@ def part_b(data, val_batches, args, header):
     methods = list(PART_B)
     if args.muon:
         methods += ["LoRA-Pre Muon r=d/8"]
+    if args.dense_first_moment:
+        methods += ["LoRA-Pre r=d/8 dense-m"]
     results = [run_method(m, data, val_batches, args) for m in selected(methods, args)]
     adam = next((r for r in results if r["method"] == "Adam (dense)"), None)
     if adam is None:  # a sweep without the reference: ratios against a dense-Adam state of 2 numel floats
@@ -438,6 +442,8 @@ def add_arguments(p):
                    help="DLRT step size h (best of the grid; dense params: --lr-adam)")
     p.add_argument("--lr-lorapre", type=float, default=3e-3, help="LoRAPreAdam")
     p.add_argument("--muon", action="store_true", help="part b: add the LoRA-Pre Muon variant")
+    p.add_argument("--dense-first-moment", action="store_true",
+                   help="part b: add LoRAPreAdam(factor_first_moment=False) at rank d/8")
     p.add_argument("--lorapre-scope", choices=["blocks", "all"], default="blocks",
                    help="part b: factor only the blocks' linear weights (default; embeddings, head, "
                         "vectors keep dense Adam state) or every weight matrix")
