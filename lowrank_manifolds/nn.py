@@ -387,8 +387,8 @@ class LowRankLinear(_LowRankWeight):
         :meth:`~lowrank_manifolds.FixedRankManifold.retr`). ``"metric"`` (default):
         QRs of ``m x 2r`` and ``n x 2r``, robust to any step. ``"orthographic"``: QRs
         of ``m x r`` and ``n x r``, 13-17 % faster per RiemannianAdam step on the
-        benchmark MLP (``docs/benchmarks.md``), but it needs ``S + M`` invertible and keeps the rank fixed (no
-        ``max_rank``).
+        benchmark MLP (``docs/benchmarks.md``), but it needs ``S + M`` invertible
+        and keeps the rank fixed (no ``max_rank``).
     dtype, device
         Factory arguments of the parameters.
 
