@@ -258,7 +258,8 @@ def make_optimizer(method, model, lr, args):
     if method in ("dense + Adam", "LoRA + Adam", "Adam (dense)"):
         return torch.optim.Adam(model.parameters(), lr=lr, betas=BETAS)
     if method == "GeometricAdam":
-        return GeometricAdam(model.parameters(), lr=lr, betas=BETAS, rank_tol=args.tol)
+        fixes = dict(perp_second_moment="scalar", m2_transport="squared") if args.geo_fixes else {}
+        return GeometricAdam(model.parameters(), lr=lr, betas=BETAS, rank_tol=args.tol, **fixes)
     if method == "DLRT abc-PSI":
         low = mlp_weights(model)
         other = [p for p in model.parameters() if all(p is not q for q in low)]
@@ -442,6 +443,8 @@ def add_arguments(p):
                    help="DLRT step size h (best of the grid; dense params: --lr-adam)")
     p.add_argument("--lr-lorapre", type=float, default=3e-3, help="LoRAPreAdam")
     p.add_argument("--muon", action="store_true", help="part b: add the LoRA-Pre Muon variant")
+    p.add_argument("--geo-fixes", action="store_true",
+                   help="part a: GeometricAdam with perp_second_moment='scalar', m2_transport='squared'")
     p.add_argument("--dense-first-moment", action="store_true",
                    help="part b: add LoRAPreAdam(factor_first_moment=False) at rank d/8")
     p.add_argument("--lorapre-scope", choices=["blocks", "all"], default="blocks",
