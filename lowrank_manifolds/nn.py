@@ -254,13 +254,22 @@ class _LowRankWeight(_ManifoldModule):
 
     weight: geoopt.ManifoldParameter
 
-    def _init_weight(self, m: int, n: int, rank: int, max_rank, tol, factory: dict,
-                     retraction="metric") -> None:
+    def _init_weight(self, m: int, n: int, rank: int, *, max_rank, tol, retraction, bias: bool,
+                     dtype, device, what: str) -> None:
+        """Validate the rank and capacity, create :attr:`weight` (an ``m x n`` matrix on its
+        manifold) and ``bias`` (``m``), then draw them (``reset_parameters``)."""
+        _check_rank(rank, m, n, what)
+        _check_capacity(max_rank, rank, m, n, what)
         manifold = _make_manifold(m, n, rank, max_rank, tol, retraction)
-        point = torch.empty(manifold.packed_shape, **factory)
+        point = torch.empty(manifold.packed_shape, dtype=dtype, device=device)
         self.weight = geoopt.ManifoldParameter(
             geoopt.ManifoldTensor(point, manifold=manifold), manifold=manifold
         )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(m, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
 
     @property
     def manifold(self) -> FixedRankManifold:
@@ -429,15 +438,9 @@ class LowRankLinear(_LowRankWeight):
         super().__init__()
         self.in_features = _check_positive_int(in_features, "in_features")
         self.out_features = _check_positive_int(out_features, "out_features")
-        _check_rank(rank, out_features, in_features, "LowRankLinear")
-        _check_capacity(max_rank, rank, out_features, in_features, "LowRankLinear")
-        factory = dict(dtype=dtype, device=device)
-        self._init_weight(out_features, in_features, rank, max_rank, tol, factory, retraction)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        self._init_weight(out_features, in_features, rank, max_rank=max_rank, tol=tol,
+                          retraction=retraction, bias=bias, dtype=dtype, device=device,
+                          what="LowRankLinear")
 
     def reset_parameters(self) -> None:
         """Draw a fresh weight and bias (see the class notes); cost ``O((m + n) r^2)``."""
@@ -672,15 +675,9 @@ class LowRankConv2d(_LowRankWeight):
         self.padding_mode = padding_mode
         kh, kw = self.kernel_size
         n = in_channels * kh * kw
-        _check_rank(rank, out_channels, n, "LowRankConv2d")
-        _check_capacity(max_rank, rank, out_channels, n, "LowRankConv2d")
-        factory = dict(dtype=dtype, device=device)
-        self._init_weight(out_channels, n, rank, max_rank, tol, factory, retraction)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        self._init_weight(out_channels, n, rank, max_rank=max_rank, tol=tol,
+                          retraction=retraction, bias=bias, dtype=dtype, device=device,
+                          what="LowRankConv2d")
 
     def reset_parameters(self) -> None:
         """Draw a fresh weight and bias (see :class:`LowRankLinear`), fan-in ``in*kh*kw``."""
