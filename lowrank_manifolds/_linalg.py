@@ -55,3 +55,27 @@ def cat_last(*tensors: Tensor) -> Tensor:
     """Concatenate matrices side by side (last axis), broadcasting their batch axes."""
     batch = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors))
     return torch.cat([t.expand(*batch, *t.shape[-2:]) for t in tensors], dim=-1)
+
+
+def _core_dtype(a: Tensor) -> torch.dtype:
+    # MPS has no float64; everywhere else the small cores are decomposed in float64.
+    return a.dtype if a.dtype == torch.float64 or a.device.type == "mps" else torch.float64
+
+
+def svd_core(a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``(P, s, Q^T)`` of a small core matrix (``r x r``, ``2r x 2r``), computed in
+    float64 and returned in the dtype of ``a``.
+
+    The float32 CPU SVD (LAPACK gesdd) can return NaN singular vectors, or fail to
+    converge, on finite, well-scaled cores that float64 decomposes without trouble; the
+    cores are small, so float64 costs O(r^3) next to the O((m + n) r^2) QRs of the bases,
+    which stay in the parameter's dtype. Differentiable (autograd passes the casts).
+    """
+    work = _core_dtype(a)
+    p, s, qh = torch.linalg.svd(a.to(work), full_matrices=False)
+    return p.to(a.dtype), s.to(a.dtype), qh.to(a.dtype)
+
+
+def svdvals_core(a: Tensor) -> Tensor:
+    """Singular values of a small core, computed in float64 as :func:`svd_core`."""
+    return torch.linalg.svdvals(a.to(_core_dtype(a))).to(a.dtype)

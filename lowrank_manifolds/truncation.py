@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._linalg import mT, tmm
+from ._linalg import mT, svd_core, tmm
 
 Factors = Tuple[Tensor, Tensor, Tensor]
 
@@ -109,7 +109,7 @@ class Truncation:
         )
 
     def __call__(self, U: Tensor, S: Tensor, V: Tensor) -> Factors:
-        p, s, qh = torch.linalg.svd(S, full_matrices=False)
+        p, s, qh = svd_core(S)
         q = s.shape[-1]
         if self.min_rank == self.max_rank:
             # Fixed rank: min(rank, q) for every batch element, whatever s is, so neither the

@@ -89,7 +89,7 @@ import geoopt
 import torch
 from torch import Tensor, nn
 
-from .._linalg import cat_last, mT
+from .._linalg import cat_last, mT, svd_core
 from ..integrators import (
     ABCPSI,
     AugmentedBUG,
@@ -154,7 +154,7 @@ def _truncate(uh: Tensor, sh: Tensor, vh: Tensor, cap: int, rank_of) -> Tuple[Te
     ``(U1, S1, V1, P_r, Q_r)`` with ``P_r``, ``Q_r`` the kept singular vectors (zero
     beyond the rank), so that coefficient states transport as ``P_r^T m Q_r``.
     """
-    pp, s, qh = torch.linalg.svd(sh, full_matrices=False)
+    pp, s, qh = svd_core(sh)
     rank = rank_of(s).clamp(max=cap)
     keep = min(cap, s.shape[-1])
     mask = (torch.arange(keep, device=s.device) < rank.unsqueeze(-1)).to(s.dtype)
