@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lowrank_manifolds.optim import LoRAPreAdam
@@ -55,6 +55,8 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     mode=st.sampled_from(["abs", "square"]),
     seed=st.integers(0, 2**16),
 )
+# a step whose intermediate factor has cond 2e6: the normal-equations shift biased it by 2e-9
+@example(n=6, beta1=0.0, beta2=0.9765625, mode="abs", seed=40530)
 def test_full_rank_moments_equal_ema(n, beta1, beta2, mode, seed):
     gen = _gen(seed)
     w = torch.zeros(n, n, dtype=F64, requires_grad=True)
