@@ -81,8 +81,10 @@ Classes
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+import weakref
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import geoopt
@@ -288,6 +290,34 @@ def _conv_columns(module, x: Tensor) -> Tensor:
     return cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (N, n, L) -> (n, N L)
 
 
+class _RecordHook:
+    """Forward hook of a :class:`GradientRecorder` on one module. It records only for the
+    module it was registered on (held weakly) and copies as an inert hook, so that a
+    ``deepcopy`` or pickle of the model never feeds (or holds) the original recorder."""
+
+    def __init__(self, recorder: "GradientRecorder", module: nn.Module):
+        self._recorder = weakref.ref(recorder)
+        self._module = weakref.ref(module)
+
+    def __call__(self, module, inputs, output):
+        recorder = self._recorder()
+        if recorder is not None and module is self._module():
+            recorder._record(module, inputs, output)
+
+    def __deepcopy__(self, memo):
+        return _InertHook()
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a recorder's hook becomes in a copy of the model: nothing."""
+
+    def __call__(self, module, inputs, output):
+        return None
+
+
 class GradientRecorder:
     r"""Record the factor pair of the weight gradient of low-rank layers.
 
@@ -322,6 +352,10 @@ class GradientRecorder:
       concatenated along the batch axis.
     * :meth:`clear` forgets everything; the optimizers call it in ``zero_grad`` and at
       the end of ``step``.
+    * Copies: the hooks record only for the very modules they were registered on. A
+      ``copy.deepcopy`` or pickle of the model carries inert hooks (an EMA or teacher
+      copy never feeds this recorder); a deepcopy of the recorder (or of an optimizer
+      holding one) hooks the copied modules afresh.
     * Do not modify a layer's input in place between ``backward`` and ``step``.
 
     Parameters
@@ -333,36 +367,47 @@ class GradientRecorder:
     def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self._records: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
-        self._handles = []
-        self._params: Dict[int, Tensor] = {}
-        self._convs: Dict[int, nn.Module] = {}
+        self._hook_modules([m for m in model.modules() if _recordable(m) is not None])
+
+    def _hook_modules(self, modules: List[nn.Module]) -> None:
         from ..nn import LowRankConv2d
 
-        for module in model.modules():
+        self._records: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
+        self._modules = modules
+        self._params: Dict[int, Tensor] = {}
+        self._convs: Dict[int, nn.Module] = {}
+        self._handles = []
+        for module in modules:
             param = _recordable(module)
-            if param is not None:
-                self._params[id(param)] = param
-                if isinstance(module, LowRankConv2d):
-                    self._convs[id(param)] = module
-                self._handles.append(module.register_forward_hook(self._hook(param)))
+            self._params[id(param)] = param
+            if isinstance(module, LowRankConv2d):
+                self._convs[id(param)] = module
+            self._handles.append(module.register_forward_hook(_RecordHook(self, module)))
 
-    def _hook(self, param: Tensor):
-        key = id(param)
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new._hook_modules([copy.deepcopy(m, memo) for m in self._modules])
+        return new
 
-        def forward_hook(module, inputs, output):
-            if not (torch.is_grad_enabled() and param.requires_grad and isinstance(output, Tensor)):
-                return
-            if not output.requires_grad:
-                return
-            x = inputs[0].detach()
+    def __getstate__(self):
+        return {"modules": self._modules}
 
-            def grad_hook(dy):
-                self._records.setdefault(key, []).append((x, dy.detach()))
+    def __setstate__(self, state):
+        self._hook_modules(state["modules"])
 
-            output.register_hook(grad_hook)
+    def _record(self, module: nn.Module, inputs, output) -> None:
+        param = _recordable(module)
+        if param is None or not (torch.is_grad_enabled() and param.requires_grad):
+            return
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            return
+        key, x = id(param), inputs[0].detach()
 
-        return forward_hook
+        def grad_hook(dy):
+            self._records.setdefault(key, []).append((x, dy.detach()))
+
+        output.register_hook(grad_hook)
 
     def tracks(self, param: Tensor) -> bool:
         """Whether ``param`` belongs to a hooked layer."""
@@ -786,15 +831,43 @@ class DLRT(_LowRankOptimizer):
     evaluation. A fixed-rank BUG or KSL *would* (their S-/L-steps are at weights
     different from :math:`Y_0`) and is therefore not offered here.
 
-    The field. With ``model=`` given, a :class:`GradientRecorder` is attached to it and
-    :math:`F = -G` is passed as the pair :math:`(-dY^\top, x^\top)` (plus
-    :math:`(-\lambda US, V)` for weight decay): exact, never an ``m x n`` matrix.
+    The field: one gradient channel. With ``model=`` given, a :class:`GradientRecorder`
+    is attached to it. Everything the integrators use comes from ``p.grad`` except the
+    one thing ``p.grad`` cannot give: :math:`G` applied to the *new* directions of the
+    augmented bases. Split :math:`G = P_X G + N`, :math:`N = (I - UU^\top) G (I - VV^\top)`:
+
+    1. the tangent part :math:`P_X G` is read from ``p.grad``
+       (:math:`GV = dU\,S^{-\top}`, :math:`G^\top U = dV\,S^{-1}`, :math:`U^\top G V = dS`),
+       so DDP's all-reduce, GradScaler's unscaling, clipping, accumulation and ``p.grad``
+       hooks act on it exactly as on any ``torch.optim`` step;
+    2. the new directions of the K-step are :math:`Q_u = \operatorname{orth}((I - UU^\top) GV)`
+       (from ``p.grad``, hence the same on every DDP rank), and the normal part enters
+       only as :math:`N' = Q_u Q_u^\top N`, from the recorded pair :math:`G_{rec} = AB^\top`
+       as :math:`N^\top Q_u = (I - VV^\top) B (A^\top Q_u)` (``n x r``);
+    3. ``p.grad`` must be a scalar multiple :math:`c\,\nabla_{[U;S;V]}` of the gradient the
+       recorded pair implies, :math:`(G_{rec} V S^\top,\ U^\top G_{rec} V,\ G_{rec}^\top U S)`;
+       :math:`c` (least squares) scales :math:`N'` the same way (clipping, GradScaler's
+       ``1 / scale``). Any other edit of ``p.grad`` (a hook adding noise, a regulariser on
+       the factors) cannot be applied to the part only the pair knows: the step raises
+       before anything is written, and ``model=None`` (the field :math:`-P_X G` from
+       ``p.grad`` alone) is the way to train with it.
+
+    The field is :math:`F = -(P_X G + c N') - \lambda W`, a factor pair of width ``3r``.
+    abc-PSI, augmented BUG and parallel BUG only apply :math:`F` to :math:`V`, to
+    :math:`U` and to bases inside :math:`\operatorname{span}[U, Q_u]` (resp.
+    :math:`[V, Q_v]`), on which :math:`N' = N`: the step equals the step with the exact
+    field :math:`-G` (to rounding) and keeps abc-PSI's extra descent
+    :math:`\hat U\hat U^\top G - P_X G`. Under DDP (pass the ``DistributedDataParallel``
+    module as ``model=``) the ranks all-reduce the pair's products (``(m + 2n) r`` numbers
+    per layer, with DDP's averaging) before the check, so every rank takes the same step.
+    Checking 3 is a decision: one host synchronisation per step (free on the CPU).
+
     Weights without a recording (no ``model``, or parameters outside the layers of
-    :mod:`lowrank_manifolds.nn`) get the tangent field :math:`-P_X(G)` from autograd's factor gradient
+    :mod:`lowrank_manifolds.nn`) get the tangent field :math:`-P_X(G)` from ``p.grad``
     (pseudo-inverse of ``S`` on the active block). Parallel BUG is unaffected by this
     (it only uses :math:`P_X G`); for abc-PSI and augmented BUG the step then
     coincides with the metric retraction of :math:`-hP_X G` (they lose their extra
-    descent :math:`\hat U\hat U^\top G - P_X G`). A warning says so once.
+    descent). A warning says so once.
 
     Padding. The integrators know nothing of capacities; the factors are sliced to the
     largest active rank before the integrator is called (active columns are the leading
@@ -814,7 +887,12 @@ class DLRT(_LowRankOptimizer):
     euclidean : {"sgd", "adam", "adamw"}
         Update of ordinary parameters; ``momentum``, ``betas``, ``eps`` configure it.
     model : nn.Module, optional
-        Attach a :class:`GradientRecorder` to this model.
+        Attach a :class:`GradientRecorder` to this model. A
+        ``torch.nn.parallel.DistributedDataParallel`` module is recorded through its
+        ``module``, and its process group averages the recorded products.
+    grad_rtol : float, optional
+        Relative tolerance of the check that ``p.grad`` is a scalar multiple of the
+        recorded gradient; default ``10 * sqrt(eps)`` of the weight's dtype.
     """
 
     def __init__(
@@ -832,6 +910,7 @@ class DLRT(_LowRankOptimizer):
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         model: Optional[nn.Module] = None,
+        grad_rtol: Optional[float] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -846,8 +925,28 @@ class DLRT(_LowRankOptimizer):
             eps=eps,
         )
         super().__init__(params, defaults)
+        self._process_group = None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self._process_group = model.process_group
+            model = model.module
         self._recorder = GradientRecorder(model) if model is not None else None
+        self._grad_rtol = None if grad_rtol is None else _check_nonneg(grad_rtol, "grad_rtol")
+        self._fields: Dict[int, MatrixField] = {}
         self._warned = False
+
+    def __getstate__(self):
+        # torch.optim.Optimizer keeps only defaults, state and param_groups; a copy of a DLRT
+        # keeps its recorder (which then hooks the copied layers) and its settings too.
+        state = super().__getstate__()
+        state.update(
+            _recorder=self._recorder, _process_group=self._process_group,
+            _grad_rtol=self._grad_rtol, _warned=self._warned,
+        )
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._fields = {}
 
     @property
     def recorder(self) -> Optional[GradientRecorder]:
@@ -873,21 +972,117 @@ class DLRT(_LowRankOptimizer):
                 group["euclidean"] == "adamw",
             )
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every parameter with a gradient; ``closure`` as in ``torch.optim``.
+
+        The recorded weights' fields are built and checked against ``p.grad`` for all
+        weights first (class docstring, "one gradient channel"), so a refused ``p.grad``
+        edit raises before any parameter or state is written."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            self._fields = self._recorded_fields()
+            super().step()
+        finally:
+            self._fields = {}
+        return loss
+
+    def _recorded_fields(self) -> Dict[int, MatrixField]:
+        """The field of every recorded low-rank weight with a gradient (keyed by ``id``),
+        after one check of all of them against ``p.grad`` (one host synchronisation)."""
+        if self._recorder is None:
+            return {}
+        fields, checks = {}, []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or not is_lowrank_parameter(p):
+                    continue
+                pair = self._recorder.pair(p)
+                if pair is None:
+                    continue
+                fields[id(p)], residual = self._reconciled_field(p, p.grad, pair, group["weight_decay"])
+                checks.append((p, residual))
+        if checks:
+            # NaN compares False: a non-finite gradient is left to the finiteness check.
+            bad = torch.stack([res for _, res in checks]) > 1
+            if bool(bad.any()):  # host sync: whether the step may be taken
+                i = int(bad.nonzero()[0, 0])
+                p = checks[i][0]
+                raise RuntimeError(
+                    f"DLRT: the gradient of the low-rank weight of shape {tuple(p.shape)} is not a "
+                    "scalar multiple of the gradient recorded from the layer's forward and backward "
+                    "pass (relative mismatch above grad_rtol): p.grad was edited by something other "
+                    "than a uniform scaling (DDP, GradScaler, clipping are fine), e.g. a gradient hook, "
+                    "a loss term on the factors, or a DDP model not passed as model=. Pass model=None "
+                    "to take the step from p.grad alone (field -P_X G)."
+                )
+        return fields
+
+    def _reconciled_field(self, p: Tensor, grad: Tensor, pair, weight_decay: float):
+        r"""The field :math:`-(P_X G + c N') - \lambda W` of a recorded weight and the
+        relative residual of :math:`p.grad \approx c \nabla_{rec}` divided by the
+        tolerance (a 0-d tensor; > 1 means refused). See the class docstring."""
+        manifold = p.manifold
+        r = self._active_width(p)
+        u, s, v = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(p)))
+        du, ds, dv = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(grad)))
+        a, b = pair
+        # the tangent part from p.grad
+        gv = torch.linalg.solve(mT(s), du, left=False)  # G V = dU S^{-T}
+        gtu = torch.linalg.solve(s, dv, left=False)  # G^T U = dV S^{-1}
+        up, vp = gv - u @ ds, gtu - v @ mT(ds)
+        q_u, _ = torch.linalg.qr(up)  # the new directions of the K-step: orth((I - UU^T) G V)
+        # what only the pair knows, and its tangent products for the check
+        gv_rec, gtu_rec, btq = a @ (mT(b) @ v), b @ (mT(a) @ u), b @ (mT(a) @ q_u)
+        if self._process_group is not None:
+            gv_rec, gtu_rec, btq = self._average(gv_rec, gtu_rec, btq)
+        ntq = btq - v @ (mT(v) @ btq)  # N^T Q_u = (I - VV^T) B A^T Q_u
+        rec = torch.cat([(gv_rec @ mT(s)).flatten(), (mT(u) @ gv_rec).flatten(), (gtu_rec @ s).flatten()])
+        got = torch.cat([du.flatten(), ds.flatten(), dv.flatten()])
+        den = rec.dot(rec)
+        c = torch.where(den > 0, got.dot(rec) / den.clamp(min=torch.finfo(den.dtype).tiny), torch.ones_like(den))
+        rtol = self._grad_rtol if self._grad_rtol is not None else 10 * math.sqrt(torch.finfo(p.dtype).eps)
+        residual = (got - c * rec).norm() / (rtol * got.norm().clamp(min=torch.finfo(p.dtype).tiny))
+        mm = ds + weight_decay * s if weight_decay else ds  # P_X(W) = U S V^T: only M
+        field = MatrixField((cat_last(-(u @ mm + up), -u, -c * q_u), cat_last(v, vp, ntq)))
+        return field, residual
+
+    def _average(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
+        """All-reduce ``tensors`` over the DDP process group with DDP's averaging."""
+        import torch.distributed as dist
+
+        flat = torch.cat([t.flatten() for t in tensors])
+        dist.all_reduce(flat, group=self._process_group)
+        flat /= dist.get_world_size(self._process_group)
+        return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
+
+    @staticmethod
+    def _active_width(p: Tensor) -> int:
+        """The largest active rank of ``p`` (a host sync with a capacity; the integrators
+        take unpadded factors, active columns first), the rank at fixed rank (no sync)."""
+        manifold = p.manifold
+        if not manifold.adaptive:
+            return manifold.capacity
+        return max(int(manifold.active_rank(p).max()), 1)
+
     def field_for(self, p: Tensor, grad: Tensor, weight_decay: float = 0.0, rank: Optional[int] = None):
         r"""The field :math:`F = -(G + \lambda W)` of a low-rank weight at its current
         point, for the factors sliced to their first ``rank`` columns (default: all), as
-        the integrators take it: the recorded pair (a :class:`MatrixField`) or the
-        tangent field :math:`-P_X(G + \lambda W)` (a :class:`TangentField`)."""
+        the integrators take it: the reconciled recorded field (a :class:`MatrixField`,
+        class docstring) or the tangent field :math:`-P_X(G + \lambda W)` from ``p.grad``
+        (a :class:`TangentField`)."""
         manifold = p.manifold
         r = manifold.capacity if rank is None else rank
-        pair = self._recorder.pair(p) if self._recorder is not None else None
-        if pair is not None:
-            u, s, v = manifold.unpack(p)
-            a, b = pair
-            a = -a
-            if weight_decay:
-                a, b = cat_last(a, -weight_decay * (u @ s)), cat_last(b, v)
-            return MatrixField((a, b))
+        field = self._fields.get(id(p))
+        if field is None and self._recorder is not None:
+            pair = self._recorder.pair(p)
+            if pair is not None:
+                field = self._reconciled_field(p, grad, pair, weight_decay)[0]
+        if field is not None:
+            return field
         if not self._warned:
             warnings.warn(
                 "DLRT: no recorded (x, dY) for a low-rank weight (no model= given, or not a "
@@ -907,11 +1102,7 @@ class DLRT(_LowRankOptimizer):
         manifold = p.manifold
         u, s, v = manifold.unpack(p)
         mask = _active_mask(u, manifold)
-        if manifold.adaptive:
-            # host sync: the integrators take unpadded factors (active columns come first)
-            r = max(int(manifold.active_rank(p).max()), 1)
-        else:
-            r = manifold.capacity  # fixed rank: no padding, no sync
+        r = self._active_width(p)
         field = self.field_for(p, grad, group["weight_decay"], rank=r)
         integrator = INTEGRATORS[group["integrator"]]()
         uh, sh, vh = integrator.augmented_step(u[..., :r], s[..., :r, :r], v[..., :r], field, group["lr"])

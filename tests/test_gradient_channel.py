@@ -1,0 +1,152 @@
+"""DLRT with a recorder follows p.grad: what DDP, GradScaler, clipping, accumulation and
+hooks do to it reaches the step, or the step is refused before anything is written.
+
+References: the integrators run on the dense float64 gradient G (an independent field),
+and DLRT on the loss scaled by the same factor."""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_manifolds.integrators import ABCPSI, AugmentedBUG, MatrixField, ParallelBUG, Truncation
+from lowrank_manifolds.nn import LowRankLinear
+from lowrank_manifolds.optim import DLRT
+
+F64 = torch.float64
+NAMES = {"abc-psi": ABCPSI, "augmented-bug": AugmentedBUG, "parallel-bug": ParallelBUG}
+
+
+def problem(seed=0, batch=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 9, generator=g, dtype=F64)
+    y = torch.randn(batch, 7, generator=g, dtype=F64)
+    torch.manual_seed(seed)
+    layer = LowRankLinear(9, 7, rank=2, max_rank=5, dtype=F64)
+    return layer, x, y
+
+
+def loss_of(layer, x, y):
+    return ((layer(x) - y) ** 2).mean()
+
+
+def dense_reference(layer, x, y, scale, name, h, tol):
+    """The integrator on the dense field -scale * G, G from autograd on the dense weight."""
+    w = layer.dense_weight().detach().clone().requires_grad_(True)
+    ((x @ w.T + layer.bias - y) ** 2).mean().backward()
+    mf = layer.manifold
+    r = int(mf.active_rank(layer.weight))
+    u, s, v = (t.detach() for t in mf.unpack(layer.weight))
+    integ = NAMES[name](truncation=Truncation(tol, max_rank=mf.capacity, pad=True))
+    u1, s1, v1 = integ.step(u[:, :r], s[:r, :r], v[:, :r], MatrixField(-scale * w.grad), h)
+    return u1 @ s1 @ v1.T
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_clipping_scales_the_whole_step(name):
+    layer, x, y = problem()
+    ref = dense_reference(layer, x, y, 1.0, name, 0.5, 0.05)  # unclipped, for contrast
+    opt = DLRT([layer.weight], lr=0.5, integrator=name, rank_tol=0.05, model=layer)
+    loss_of(layer, x, y).backward()
+    total = torch.nn.utils.clip_grad_norm_([layer.weight], 1e-3)
+    coef = float(1e-3 / (total + 1e-6))  # clip_grad_norm_'s own coefficient
+    clipped_ref = dense_reference(layer, x, y, coef, name, 0.5, 0.05)
+    opt.step()
+    got = layer.dense_weight().detach()
+    assert torch.allclose(got, clipped_ref, atol=1e-12, rtol=0)
+    assert not torch.allclose(got, ref, atol=1e-6)
+
+
+def test_grad_scaler_unscales_and_skips_infs():
+    layer, x, y = problem(1)
+    ref = dense_reference(layer, x, y, 1.0, "abc-psi", 0.3, 0.1)
+    opt = DLRT([layer.weight, layer.bias], lr=0.3, rank_tol=0.1, model=layer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler.scale(loss_of(layer, x, y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.allclose(layer.dense_weight().detach(), ref, atol=1e-12, rtol=0)
+    # an inf gradient: the step is skipped and the scale backs off
+    opt.zero_grad()
+    before = [t.detach().clone() for t in (layer.weight, layer.bias)]
+    scaler.scale(loss_of(layer, x, y) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**12
+    assert all(torch.equal(a, b) for a, b in zip(before, (layer.weight, layer.bias)))
+
+
+def test_accumulation_over_micro_batches_equals_the_full_batch():
+    layer, x, y = problem(2, batch=12)
+    twin = copy.deepcopy(layer)
+    opt = DLRT(layer.parameters(), lr=0.4, rank_tol=0.05, model=layer)
+    opt_twin = DLRT(twin.parameters(), lr=0.4, rank_tol=0.05, model=twin)
+    for xs, ys in ((x[:6], y[:6]), (x[6:], y[6:])):
+        (loss_of(layer, xs, ys) / 2).backward()
+    opt.step()
+    loss_of(twin, x, y).backward()
+    opt_twin.step()
+    assert torch.allclose(layer.dense_weight(), twin.dense_weight(), atol=1e-12, rtol=0)
+
+
+def test_other_grad_edits_are_refused_before_anything_is_written():
+    layer, x, y = problem(3)
+    other = nn.Linear(3, 3, dtype=F64)
+    opt = DLRT([layer.weight, layer.bias, other.weight], lr=0.3, euclidean="adam", model=layer)
+    loss = loss_of(layer, x, y) + other(torch.ones(3, dtype=F64)).sum()
+    loss.backward()
+    layer.weight.grad.add_(1e-3 * torch.randn_like(layer.weight.grad))  # not a uniform scaling
+    params = [layer.weight, layer.bias, other.weight]
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="not a scalar multiple"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert all(not s for s in opt.state.values())
+    # p.grad alone (model=None) takes the edited gradient
+    with pytest.warns(RuntimeWarning, match="no recorded"):
+        DLRT(params, lr=0.3).step()
+    assert not torch.equal(before[0], layer.weight)
+
+
+def test_frozen_weight_is_not_moved():
+    layer, x, y = problem(4)
+    opt = DLRT(layer.parameters(), lr=0.3, model=layer)
+    loss_of(layer, x, y).backward()
+    layer.weight.grad = None
+    before = layer.weight.detach().clone()
+    opt.step()
+    assert torch.equal(before, layer.weight)
+
+
+def test_copies_of_the_model_do_not_feed_the_recorder():
+    layer, x, y = problem(5)
+    reference = copy.deepcopy(layer)
+    opt_ref = DLRT(reference.parameters(), lr=0.3, model=reference)
+    loss_of(reference, x, y).backward()
+    opt_ref.step()
+
+    opt = DLRT(layer.parameters(), lr=0.3, model=layer)
+    teacher = copy.deepcopy(layer)  # e.g. an EMA or distillation copy, trained by the same loss
+    for p in teacher.parameters():
+        p.requires_grad_(True)
+    (loss_of(layer, x, y) + loss_of(teacher, x, y)).backward()
+    assert len(opt.recorder.pair(layer.weight)[1].T) == len(x)  # the copy added nothing
+    opt.step()
+    assert torch.allclose(layer.weight, reference.weight, atol=1e-13, rtol=0)
+    # the copy trains on its own without the recorder seeing it
+    loss_of(teacher, x, y).backward()
+    assert opt.recorder.pair(layer.weight) is None
+
+
+def test_pickle_and_deepcopy_of_a_recorded_model_and_optimizer():
+    layer, x, y = problem(6)
+    opt = DLRT(layer.parameters(), lr=0.3, model=layer)
+    restored = pickle.loads(pickle.dumps(layer))
+    assert torch.equal(restored(x), layer(x))
+    model2, opt2 = copy.deepcopy((layer, opt))
+    loss_of(model2, x, y).backward()
+    assert opt2.recorder.pair(model2.weight) is not None
+    assert opt.recorder.pair(layer.weight) is None
+    opt2.step()
+    assert not torch.equal(model2.weight, layer.weight)
