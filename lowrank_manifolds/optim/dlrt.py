@@ -1036,16 +1036,21 @@ class DLRT(_LowRankOptimizer):
         up, vp = gv - u @ ds, gtu - v @ mT(ds)
         q_u, _ = torch.linalg.qr(up)  # the new directions of the K-step: orth((I - UU^T) G V)
         # what only the pair knows, and its tangent products for the check
-        gv_rec, gtu_rec, btq = a @ (mT(b) @ v), b @ (mT(a) @ u), b @ (mT(a) @ q_u)
+        gv_rec = a @ (mT(b) @ v)
+        gtu_rec, btq = (b @ (mT(a) @ cat_last(u, q_u))).split(r, dim=-1)  # one product for both
         if self._process_group is not None:
             gv_rec, gtu_rec, btq = self._average(gv_rec, gtu_rec, btq)
         ntq = btq - v @ (mT(v) @ btq)  # N^T Q_u = (I - VV^T) B A^T Q_u
-        rec = torch.cat([(gv_rec @ mT(s)).flatten(), (mT(u) @ gv_rec).flatten(), (gtu_rec @ s).flatten()])
-        got = torch.cat([du.flatten(), ds.flatten(), dv.flatten()])
-        den = rec.dot(rec)
-        c = torch.where(den > 0, got.dot(rec) / den.clamp(min=torch.finfo(den.dtype).tiny), torch.ones_like(den))
+        # least squares p.grad ~ c * (G_rec V S^T, U^T G_rec V, G_rec^T U S), blockwise
+        got, rec = (du, ds, dv), (gv_rec @ mT(s), mT(u) @ gv_rec, gtu_rec @ s)
+        dot = sum(torch.linalg.vecdot(g.flatten(), q.flatten()) for g, q in zip(got, rec))
+        rr = sum(torch.linalg.vecdot(q.flatten(), q.flatten()) for q in rec)
+        gg = sum(torch.linalg.vecdot(g.flatten(), g.flatten()) for g in got)
+        tiny = torch.finfo(p.dtype).tiny
+        c = torch.where(rr > 0, dot / rr.clamp(min=tiny), torch.ones_like(rr))
+        res2 = sum(torch.linalg.vecdot(d.flatten(), d.flatten()) for d in (g - c * q for g, q in zip(got, rec)))
         rtol = self._grad_rtol if self._grad_rtol is not None else 10 * math.sqrt(torch.finfo(p.dtype).eps)
-        residual = (got - c * rec).norm() / (rtol * got.norm().clamp(min=torch.finfo(p.dtype).tiny))
+        residual = res2.sqrt() / (rtol * gg.sqrt().clamp(min=tiny))
         mm = ds + weight_decay * s if weight_decay else ds  # P_X(W) = U S V^T: only M
         field = MatrixField((cat_last(-(u @ mm + up), -u, -c * q_u), cat_last(v, vp, ntq)))
         return field, residual
