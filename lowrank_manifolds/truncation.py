@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._linalg import mT, svd_core, tmm
+from ._linalg import _core_dtype, mT, svd_core, tmm
 
 Factors = Tuple[Tensor, Tensor, Tensor]
 
@@ -39,11 +39,13 @@ def truncation_rank(
     error of the truncation is the discarded tail :math:`(\sum_{j > r_1} s_j^2)^{1/2}`,
     which is :math:`\le \vartheta` unless ``max_rank`` cut it. Returns an int64 tensor of
     the batch shape, on the device of ``s`` (no host sync). The tail is summed from the
-    small end, so tiny tails are accurate.
+    small end, so tiny tails are accurate, and in float64 (as the core SVDs), so that
+    float32 singular values near the overflow or underflow thresholds decide as well.
     """
     tol = _check_tol(tol)
     _check_rank_bounds(min_rank, max_rank)
     k = s.shape[-1]
+    s = s.to(_core_dtype(s))  # the sums of squares in float64: no overflow or underflow of s^2 in float32
     tail = torch.flip(torch.cumsum(torch.flip(s * s, (-1,)), -1), (-1,)).sqrt()  # tail[j] = ||s[j:]||
     theta = tol * tail[..., :1] if relative else torch.full_like(tail[..., :1], tol)
     rank = (tail > theta).sum(-1)  # tail is non-increasing: {j : tail_j > theta} = {0, ..., r1 - 1}
@@ -110,21 +112,33 @@ class Truncation:
 
     def __call__(self, U: Tensor, S: Tensor, V: Tensor) -> Factors:
         p, s, qh = svd_core(S)
+        keep, width, rank = self._widths(s)
+        return self._finish(tmm(U, p[..., :keep]), s, tmm(V, mT(qh[..., :keep, :])), keep, width, rank)
+
+    def from_svd(self, Uw: Tensor, s: Tensor, Vw: Tensor) -> Factors:
+        """The same truncation from an SVD already taken: ``Uw``, ``Vw`` the leading
+        singular vectors (at least as many columns as are kept: ``max_rank`` or ``len(s)``),
+        ``s`` all the singular values, descending."""
+        keep, width, rank = self._widths(s)
+        return self._finish(Uw[..., :keep], s, Vw[..., :keep], keep, width, rank)
+
+    def _widths(self, s: Tensor):
         q = s.shape[-1]
         if self.min_rank == self.max_rank:
             # Fixed rank: min(rank, q) for every batch element, whatever s is, so neither the
             # rank nor the masks need computing (a third of the calls at small sizes).
             keep = min(self.max_rank, q)
-            width = self.max_rank if self.pad else keep
-            u1, v1, s1 = tmm(U, p[..., :keep]), tmm(V, mT(qh[..., :keep, :])), s[..., :keep]
-        else:
-            rank = self.rank(s)
-            width = self.max_rank if self.pad else int(rank.max())  # the trimmed width: a host sync
-            keep = min(width, q)
+            return keep, (self.max_rank if self.pad else keep), None
+        rank = self.rank(s)
+        width = self.max_rank if self.pad else int(rank.max())  # the trimmed width: a host sync
+        return min(width, q), width, rank
+
+    @staticmethod
+    def _finish(u1: Tensor, s: Tensor, v1: Tensor, keep: int, width: int, rank) -> Factors:
+        s1 = s[..., :keep]
+        if rank is not None:
             mask = (torch.arange(keep, device=s.device) < rank.unsqueeze(-1)).to(s.dtype)
-            u1 = tmm(U, p[..., :keep]) * mask.unsqueeze(-2)
-            v1 = tmm(V, mT(qh[..., :keep, :])) * mask.unsqueeze(-2)
-            s1 = s[..., :keep] * mask
+            u1, v1, s1 = u1 * mask.unsqueeze(-2), v1 * mask.unsqueeze(-2), s1 * mask
         if keep < width:  # capacity above what the core can fill: zero columns
             extra = width - keep
             u1 = torch.nn.functional.pad(u1, (0, extra))
