@@ -34,7 +34,7 @@ from geoopt import ManifoldTensor
 from geoopt.manifolds.base import Manifold
 from torch import Tensor
 
-from ._linalg import mT, qr_positive, svd_core, svdvals_core, tmm
+from ._linalg import _core_dtype, lowrank_svd, mT, pinv_core, qr, qr_positive, safe_reciprocal, solve_core, svd_core, svdvals_core, tmm
 from .truncation import Truncation
 
 __all__ = ["FixedRankManifold"]
@@ -93,6 +93,12 @@ class FixedRankManifold(Manifold):
         An integrator of :mod:`lowrank_manifolds.integrators` (anything with its
         ``step(U, S, V, field, h)`` protocol): one step of size 1 along the constant
         tangent field, then the manifold's truncation.
+    check_finite : bool, optional
+        Whether :meth:`egrad2rgrad` checks that the Euclidean gradient is finite and raises
+        ``ValueError`` if not (before an optimizer folds it into its state). ``None``
+        (default): on the CPU, where the check is free, and not on other devices, where it
+        costs a host synchronisation per parameter and step; ``True`` / ``False`` force it
+        on or off everywhere. Tensors on the ``meta`` device are never checked.
 
     Notes
     -----
@@ -118,8 +124,12 @@ class FixedRankManifold(Manifold):
         relative: bool = True,
         min_rank: int = 1,
         retraction: Any = "metric",
+        check_finite: Optional[bool] = None,
     ):
         super().__init__()
+        if check_finite is not None and not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be None, True or False, got {check_finite!r}")
+        self.check_finite = check_finite
         self.m = _check_dim(m, "m")
         self.n = _check_dim(n, "n")
         self.rank = _check_dim(rank, "rank")
@@ -337,7 +347,7 @@ class FixedRankManifold(Manifold):
             raise TypeError(f"the matrix must have a floating dtype, got {a.dtype}")
         self._check_finite(a, "the matrix")
         r = self.rank
-        u, s, vh = torch.linalg.svd(a.detach(), full_matrices=False)
+        u, s, vh = svd_core(a.detach())  # in float64, as the core SVDs (one-off, O(mn min(m, n)))
         s = s[..., :r]
         # numerical rank as in torch.linalg.matrix_rank: s_r > max(m, n) * eps * s_1
         cutoff = max(self.m, self.n) * torch.finfo(a.dtype).eps * s[..., :1]
@@ -418,28 +428,60 @@ class FixedRankManifold(Manifold):
                   V_p = (I - VV^\top)\, dV\, S^{-1}.
 
         When ``S`` is diagonal (as after every retraction) :math:`S^{-1}` is a column
-        scaling, exact to rounding; for a general ``S`` an r x r inverse is applied and
-        the error grows with its condition number. A weight decay that adds
+        scaling, exact to rounding; for a general ``S`` the inverse comes from its float64
+        SVD (:func:`~lowrank_manifolds._linalg.svd_core`).
+
+        Zero and negligible singular values: :math:`S^{-1}` is the pseudo-inverse
+        :math:`S^+` with singular values :math:`\le R\,\epsilon\,\sigma_{\max}(S)` treated as
+        zero (``R`` the capacity, :math:`\epsilon` the dtype's machine epsilon; the
+        convention of ``torch.linalg.pinv``), so an exactly zero or underflowed singular
+        value gives no 0/0: its columns of ``Up`` and ``Vp`` are zero while ``M = dS`` keeps
+        its full row and column, so the step is finite and the retraction can grow that
+        direction back (the gradient of the rank-deficient matrix restricted to the
+        directions that keep the column space of the non-zero part). With a capacity the
+        inactive block of ``S`` is zero and is handled the same way.
+
+        Non-finite gradients: if ``u`` contains NaN or inf this raises ``ValueError``
+        before anything is computed (before geoopt's optimizers fold it into their
+        moments); see ``check_finite`` in the class docstring for when this is checked.
+
+        A weight decay that adds
         :math:`\lambda [U; S; V]` to ``u`` (as geoopt's optimizers do) becomes
         :math:`M \mathrel{+}= \lambda S`: the Riemannian gradient of
         :math:`\tfrac{\lambda}{2}\|X\|_F^2`.
         """
         self._check_packed(u, "the gradient")
         self._check_compatible(x, gradient=u)
+        if self._checks_finite(u) and not bool(torch.isfinite(u).all()):
+            raise ValueError(
+                "non-finite gradient (nan or inf) passed to egrad2rgrad: the Euclidean gradient "
+                "with respect to the packed factors [U; S; V] must be finite (check the loss, "
+                "the learning rate, or skip the step as torch.amp.GradScaler does)"
+            )
         ux, s, vx = self.unpack(x)
         du, ds, dv = self.unpack(u)
         up = du - tmm(ux, mT(ux) @ du)  # (I - UU^T) dU
         vp = dv - tmm(vx, mT(vx) @ dv)  # (I - VV^T) dV
-        core = self._invertible_core(ux, s)
-        if _is_diagonal(core):
-            # Every retraction returns a diagonal S: then S^{-1} is a column scaling, which
+        rtol = self._pinv_rtol(s.dtype)
+        if _is_diagonal(s):
+            # Every retraction returns a diagonal S: then S^+ is a column scaling, which
             # saves a third of the flops (two m x r x r products of six).
-            d = torch.diagonal(core, dim1=-2, dim2=-1).unsqueeze(-2)
-            return self._mask_tangent(ux, up / d, ds, vp / d)
-        # A general S: an r x r inverse and two products, which beat the triangular solves
-        # of a factorised solve 5x at m = 4000, r = 32.
-        s_inv = torch.linalg.inv(core)
+            d = safe_reciprocal(torch.diagonal(s, dim1=-2, dim2=-1), rtol).unsqueeze(-2)
+            return self._mask_tangent(ux, up * d, ds, vp * d)
+        # A general S: the r x r pseudo-inverse (float64 SVD) and two products.
+        s_inv = pinv_core(s, rtol)
         return self._mask_tangent(ux, tmm(up, mT(s_inv)), ds, tmm(vp, s_inv))
+
+    def _pinv_rtol(self, dtype: torch.dtype) -> float:
+        """Relative threshold below which singular values of ``S`` count as zero."""
+        return self.capacity * torch.finfo(dtype).eps
+
+    def _checks_finite(self, t: Tensor) -> bool:
+        if t.device.type == "meta":
+            return False
+        if self.check_finite is None:
+            return t.device.type == "cpu"
+        return self.check_finite
 
     def ehess2rhess(self, x: Tensor, egrad: Ambient, ehess: Ambient, u: Tensor) -> Tensor:
         r"""Riemannian Hessian-vector product (Vandereycken 2013, Prop. 2.3).
@@ -451,7 +493,8 @@ class FixedRankManifold(Manifold):
         .. math:: \operatorname{Hess} f(X)[H] = P_X(D^2 f(X)[H])
                   + (I - UU^\top) G V_p S^{-\top} V^\top + U S^{-\top} U_p^\top G (I - VV^\top).
 
-        Both curvature terms take :math:`S^{-\top}`; this is right for a general,
+        :math:`S^{-1}` is the pseudo-inverse of :meth:`egrad2rgrad`. Both curvature terms
+        take :math:`S^{-\top}`; this is right for a general,
         non-diagonal S (Manopt writes :math:`S^{-1}`, equal for its diagonal S).
         In packed form the curvature adds :math:`(I-UU^\top) G V_p S^{-\top}` to ``Up``
         and :math:`(I-VV^\top) G^\top U_p S^{-1}` to ``Vp``.
@@ -467,9 +510,9 @@ class FixedRankManifold(Manifold):
         g_vp, gt_up = self._ambient_products(egrad, up, vp)
         g_vp = g_vp - ux @ (mT(ux) @ g_vp)
         gt_up = gt_up - vx @ (mT(vx) @ gt_up)
-        s = self._invertible_core(ux, s)
-        curv_u = torch.linalg.solve(mT(s), g_vp, left=False)  # (I - UU^T) G Vp S^{-T}
-        curv_v = torch.linalg.solve(s, gt_up, left=False)  # (I - VV^T) G^T Up S^{-1}
+        s_inv = pinv_core(s, self._pinv_rtol(s.dtype))  # S^+ as in egrad2rgrad
+        curv_u = tmm(g_vp, mT(s_inv))  # (I - UU^T) G Vp S^{-T}
+        curv_v = tmm(gt_up, s_inv)  # (I - VV^T) G^T Up S^{-1}
         return self._cat(h_up + curv_u, h_m, h_vp + curv_v)
 
     # ----------------------------------------------------------- metric etc.
@@ -521,14 +564,17 @@ class FixedRankManifold(Manifold):
         up, mm, vp = self.unpack(u)
         r = self.capacity
         batch = torch.broadcast_shapes(x.shape[:-2], u.shape[:-2])
-        qu, ru = torch.linalg.qr(torch.cat([ux.expand(*batch, -1, -1), up.expand(*batch, -1, -1)], -1))
-        qv, rv = torch.linalg.qr(torch.cat([vx.expand(*batch, -1, -1), vp.expand(*batch, -1, -1)], -1))
-        # C = Ru [[S + M, I], [I, 0]] Rv^T written blockwise, to avoid building the 2r x 2r middle.
-        ru1, ru2 = ru[..., :r], ru[..., r:]
-        rv1, rv2 = rv[..., :r], rv[..., r:]
-        core = ru1 @ (s + mm) @ mT(rv1) + ru2 @ mT(rv1) + ru1 @ mT(rv2)
-        # SVD of the core, then keep the rank (fixed, or chosen by tolerance within the capacity)
-        return self._cat(*self._truncation(qu, core, qv))
+        left = torch.cat([ux.expand(*batch, -1, -1), up.expand(*batch, -1, -1)], -1)
+        right = torch.cat([vx.expand(*batch, -1, -1), vp.expand(*batch, -1, -1)], -1)
+        eye = torch.eye(r, dtype=s.dtype, device=s.device).expand(*batch, r, r)
+        mid = torch.cat([torch.cat([(s + mm).expand(*batch, r, r), eye], -1),
+                         torch.cat([eye, torch.zeros_like(eye)], -1)], -2)
+        # SVD of X + xi = [U, Up] [[S + M, I], [I, 0]] [V, Vp]^T from QRs of [U, Up], [V, Vp]
+        # and the 2r x 2r core; its backward is the factored derivative of the SVD of X + xi
+        # (lowrank_svd), finite at a zero tangent vector and with the zero padding.
+        uw, sig, vw = lowrank_svd(left, mid, right, r)
+        # keep the rank (fixed, or chosen by tolerance within the capacity)
+        return self._cat(*self._truncation.from_svd(uw, sig, vw))
 
     def _retr_integrator(self, x: Tensor, u: Tensor) -> Tensor:
         u = self.proju(x, u)
@@ -560,9 +606,9 @@ class FixedRankManifold(Manifold):
         up, mm, vp = self.unpack(u)
         r = self.capacity
         sm = s + mm
-        qa, ra = torch.linalg.qr(ux @ sm + up)  # (X + xi) V
-        qb, rb = torch.linalg.qr(vx @ mT(sm) + vp)  # (X + xi)^T U
-        core = ra @ torch.linalg.solve(sm, mT(rb))
+        qa, ra = qr(ux @ sm + up)  # (X + xi) V
+        qb, rb = qr(vx @ mT(sm) + vp)  # (X + xi)^T U
+        core = ra @ solve_core(sm, mT(rb))  # the r x r solve in float64, as the core SVD
         p, sig, qh = svd_core(core)
         return self._cat(qa @ p, torch.diag_embed(sig[..., :r]), qb @ mT(qh))
 
@@ -572,20 +618,64 @@ class FixedRankManifold(Manifold):
         return self.retr(x, u)
 
     def projx(self, x: Tensor) -> Tensor:
-        r"""Re-orthonormalise the bases, keeping the matrix: :math:`U = Q_u R_u`,
-        :math:`V = Q_v R_v`, :math:`S' = R_u S R_v^\top`.
+        r"""A point representing :math:`A = USV^\top` for any finite packed ``x = [U; S; V]``
+        (``U``, ``V`` need not be orthonormal, ``S`` need not be invertible).
 
-        Cheap (:math:`O((m+n) r^2)`) and idempotent on points already on the manifold,
-        for which :math:`R_u = R_v = I` up to rounding (QR with positive diagonal).
+        ``A`` has rank at most the capacity ``R``, so its truncated SVD within the capacity
+        is ``A`` itself: the result is the nearest point to ``A`` (distance zero) whenever
+        ``rank A`` is admissible. With :math:`U = Q_u R_u`, :math:`V = Q_v R_v` (QR with a
+        non-negative diagonal) and :math:`C = R_u S R_v^\top`, :math:`A = Q_u C Q_v^\top`:
+
+        - fixed rank: ``[Q_u; C; Q_v]``. If ``A`` has rank below ``r`` (``U``, ``V`` or ``S``
+          rank deficient, e.g. ``S = 0``) ``C`` is singular: the result is still finite with
+          orthonormal bases and represents ``A`` exactly, but it is a limit point of the
+          manifold, not a point of it (``check_point_on_manifold`` says so).
+        - with a capacity: from the float64 SVD :math:`C = P\Sigma Q^\top` the active rank is
+          the numerical rank, the number of :math:`\sigma_j > R\,\epsilon\,\sigma_1`
+          (the convention of ``torch.linalg.matrix_rank``), raised to ``min_rank`` if lower
+          (with zero singular values there, handled by :meth:`egrad2rgrad` as a
+          pseudo-inverse); the smaller singular values (rounding noise, at most
+          :math:`R\epsilon\sigma_1` each) are dropped. The active columns come first, the
+          inactive ones are exactly zero. The manifold's truncation tolerance is *not*
+          applied: a retraction's result need not satisfy it again, and ``projx`` must
+          leave points alone.
+
+        Gauge: the kept singular vectors are rotated back towards :math:`Q_u`, :math:`Q_v`:
+        :math:`U' = Q_u P_r G`, :math:`V' = Q_v Q_r H`, :math:`S' = G^\top \Sigma_r H`, with
+        :math:`G`, :math:`H` the orthogonal QR factors of :math:`(P_r)_{:r,:}^\top`,
+        :math:`(Q_r)_{:r,:}^\top`. On a point (orthonormal ``U``, ``V``, active block
+        first, ``S`` of full rank there, diagonal or not) :math:`R_u = R_v = I` and
+        :math:`P_r G = Q_r H = [I; 0]` to rounding, so ``projx`` returns the point
+        unchanged, packed tensor included (optimizer states stored in its gauge stay
+        valid), and ``projx(projx(x)) == projx(x)``.
+
+        Cost: two QRs of m x R and n x R (the parameter's dtype), one R x R SVD and two
+        R x R QRs (float64) with a capacity; only the QRs at fixed rank. No host sync.
         """
         self._check_packed(x, "x")
         ux, s, vx = self.unpack(x)
         qu, ru = qr_positive(ux)
         qv, rv = qr_positive(vx)
-        if self.adaptive:  # QR fills zero columns with arbitrary orthonormal ones: zero them again
-            mask = self._active(ux).unsqueeze(-2)
-            qu, qv = qu * mask, qv * mask
-        return self._cat(qu, ru @ s @ mT(rv), qv)
+        core = ru @ s @ mT(rv)
+        if not self.adaptive:
+            return self._cat(qu, core, qv)
+        p, sig, qh = svd_core(core)
+        work = _core_dtype(core)
+        thr = self._pinv_rtol(s.dtype) * sig[..., :1]
+        rank = (sig > thr).sum(-1).clamp(min=self._truncation.min_rank)
+        mask = (torch.arange(self.capacity, device=s.device) < rank.unsqueeze(-1)).to(s.dtype)
+        col, row = mask.unsqueeze(-2), mask.unsqueeze(-1)
+        pk, qk = p * col, mT(qh) * col  # kept singular vectors, zero columns beyond the rank
+        ident = torch.diag_embed(1 - mask)
+
+        def regauge(a: Tensor) -> Tensor:
+            # [[T, 0], [0, I]] with T the leading r x r block of the kept vectors
+            g, _ = qr_positive(mT(a * row + ident).to(work))
+            return g.to(s.dtype)
+
+        g, h = regauge(pk), regauge(qk)
+        s1 = (mT(g) @ torch.diag_embed(sig * mask) @ h) * row * col
+        return self._cat(tmm(qu, pk @ g) * col, s1, tmm(qv, qk @ h) * col)
 
     def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         r"""Vector transport by projection: :math:`P_Y(\xi)` for :math:`\xi` tangent at X.
