@@ -485,8 +485,8 @@ class ParallelBUG(RankAdaptiveIntegrator):
     :math:`[U_0, \tilde U] = Q_u \operatorname{diag}((R_u)_{11}, I)`, with the core
     :math:`\operatorname{diag}((R_u)_{11}, I)\, \hat S\, \operatorname{diag}((R_v)_{11}, I)^\top`:
     the same matrix, but bases orthonormal to the QR's rounding at every step (carrying
-    :math:`U_0` itself over let its rounding errors accumulate, to 2.8e-4 after 2000
-    float32 optimizer steps). For a constant
+    :math:`U_0` itself over let its rounding errors accumulate, to 2e-5 after
+    :math:`10^4` float32 steps of a rotating field). For a constant
     field :math:`F` the augmented result is exactly :math:`Y_0 + h P_{Y_0}(F)` (GeoLoRA's
     step), so with truncation to rank r it is the metric retraction of
     :math:`h P_{Y_0}(F)`. Not exact for :math:`\dot A`, but its local error is
