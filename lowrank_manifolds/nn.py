@@ -248,6 +248,37 @@ class _ManifoldModule(nn.Module):
                 self._parameters[name] = new
         return out
 
+    def _keep_manifold(self, name: str, manifold: FixedRankManifold) -> None:
+        """Remember ``manifold`` as that of the parameter ``name`` (outside the module tree:
+        a manifold is an ``nn.Module`` without tensors)."""
+        self.__dict__["_point_name"] = name
+        self.__dict__["_own_manifold"] = manifold
+
+    @property
+    def manifold(self) -> FixedRankManifold:
+        """The :class:`~lowrank_manifolds.FixedRankManifold` of the layer's point
+        (``weight``, or ``delta`` of :class:`LowRankAdapterLinear`).
+
+        Read from the parameter; when it has been replaced by a tensor that does not carry
+        it (``torch.func.functional_call``, FSDP, other wrappers), the layer's own, kept since
+        construction, so that the forward works with any packed tensor of the right shape;
+        anything else raises a ``TypeError`` that names the cause (an ``AttributeError``
+        here would be masked by ``nn.Module.__getattr__``)."""
+        name = self.__dict__["_point_name"]
+        point = getattr(self, name)
+        found = getattr(point, "manifold", None)
+        if isinstance(found, FixedRankManifold):
+            return found
+        own = self.__dict__["_own_manifold"]
+        if isinstance(point, Tensor) and tuple(point.shape) == tuple(own.packed_shape):
+            return own
+        raise TypeError(
+            f"the {name} of this {type(self).__name__} is a {type(point).__name__} of shape "
+            f"{tuple(getattr(point, 'shape', ()))} without a FixedRankManifold (a wrapper such as "
+            "torch.func.functional_call or FSDP replaced the ManifoldParameter); the layer needs "
+            f"the packed [U; S; V] point of shape {tuple(own.packed_shape)}"
+        )
+
 
 class _LowRankWeight(_ManifoldModule):
     """Shared machinery of the layers holding ``self.weight`` on a fixed-rank manifold."""
@@ -261,6 +292,7 @@ class _LowRankWeight(_ManifoldModule):
         _check_rank(rank, m, n, what)
         _check_capacity(max_rank, rank, m, n, what)
         manifold = _make_manifold(m, n, rank, max_rank, tol, retraction)
+        self._keep_manifold("weight", manifold)
         point = torch.empty(manifold.packed_shape, dtype=dtype, device=device)
         self.weight = geoopt.ManifoldParameter(
             geoopt.ManifoldTensor(point, manifold=manifold), manifold=manifold
@@ -272,21 +304,16 @@ class _LowRankWeight(_ManifoldModule):
         self.reset_parameters()
 
     @property
-    def manifold(self) -> FixedRankManifold:
-        """The :class:`~lowrank_manifolds.FixedRankManifold` of :attr:`weight`."""
-        return self.weight.manifold
-
-    @property
     def rank(self) -> int:
         """The nominal rank: the fixed rank, or, with a capacity, the rank the layer was
         built with (see :attr:`active_rank` for the current one)."""
-        return self.weight.manifold.rank
+        return self.manifold.rank
 
     @property
     def capacity(self) -> int:
         """The capacity ``R`` (``max_rank``; ``rank`` for a fixed-rank layer): the
         packed weight has shape ``(m + R + n, R)``."""
-        return self.weight.manifold.capacity
+        return self.manifold.capacity
 
     @property
     def active_rank(self) -> int:
@@ -891,6 +918,7 @@ class LowRankAdapterLinear(_ManifoldModule):
         self.base = base
         self.init_scale = float(init_scale)
         manifold = _make_manifold(m, n, rank, max_rank, tol)
+        self._keep_manifold("delta", manifold)
         w0 = base.weight
         factory = dict(dtype=w0.dtype, device=w0.device)
         with torch.no_grad():
@@ -913,19 +941,14 @@ class LowRankAdapterLinear(_ManifoldModule):
         return self.base.out_features
 
     @property
-    def manifold(self) -> FixedRankManifold:
-        """The :class:`~lowrank_manifolds.FixedRankManifold` of :attr:`delta`."""
-        return self.delta.manifold
-
-    @property
     def rank(self) -> int:
         """The nominal rank of the correction (fixed, or the initial one with a capacity)."""
-        return self.delta.manifold.rank
+        return self.manifold.rank
 
     @property
     def capacity(self) -> int:
         """The capacity ``R`` of the correction (``rank`` if it has a fixed rank)."""
-        return self.delta.manifold.capacity
+        return self.manifold.capacity
 
     @property
     def active_rank(self) -> int:
