@@ -190,6 +190,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._faults import check_finite_grads, check_finite_state_dict
+
 __all__ = ["LoRAPreAdam", "matrix_shape", "factored_rank", "newton_schulz"]
 
 _SECOND_MOMENT_MODES = ("abs", "square")
@@ -423,8 +425,14 @@ class LoRAPreAdam(Optimizer):
     ``factor_first_moment=False``: ``exp_avg``, a dense ``p x q`` matrix, in
     place of ``m_B``, ``m_A``). State per dense parameter:
     ``step``, ``exp_avg``, ``exp_avg_sq`` exactly as in ``torch.optim.Adam``.
-    :meth:`step` performs no host-device synchronisation.
+    :meth:`step` performs no host-device synchronisation other than its finiteness
+    check: with ``check_finite = True`` (default; an attribute) a non-finite gradient raises
+    ``FloatingPointError`` naming the parameter before anything is written (one
+    ``isfinite`` reduction per gradient, one host sync per step, free on the CPU).
+    ``load_state_dict`` rejects non-finite state tensors by name.
     """
+
+    check_finite: bool = True
 
     def __init__(
         self,
@@ -504,6 +512,12 @@ class LoRAPreAdam(Optimizer):
         if not first and group.get("muon", False):
             raise ValueError("muon=True needs the factored first moment (factor_first_moment=True)")
 
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
+        tensor is finite (a ``ValueError`` names the parameter and the state key)."""
+        check_finite_state_dict(self, state_dict)
+        super().load_state_dict(state_dict)
+
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group, validating its (possibly overridden) settings."""
         super().add_param_group(param_group)
@@ -561,6 +575,8 @@ class LoRAPreAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.check_finite:
+            check_finite_grads(self)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
