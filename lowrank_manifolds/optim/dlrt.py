@@ -33,17 +33,20 @@ Classes
     1. Riemannian gradient from one backward pass (pseudo-inverse of ``S`` on the
        active block, so zero padding is allowed):
        :math:`GV = dU\,S^{+\top}`, :math:`G^\top U = dV\,S^{+}`.
-    2. Basis augmentation :math:`\hat U = \operatorname{orth}[U, GV]`,
-       :math:`\hat V = \operatorname{orth}[V, G^\top U]` (``2R`` columns). In these
-       bases the point is :math:`\hat S_0 = (\hat U^\top U) S (V^\top \hat V)` and the
-       Riemannian gradient :math:`P_X G` has the coefficient matrix
-       :math:`\hat G = (\hat U^\top U) dS (V^\top\hat V) + \hat U^\top G V_\perp (V^\top \hat V)
-       + (\hat U^\top U) (G^\top U)_\perp^\top \hat V` (``_perp``: the part orthogonal to
-       ``U`` resp. ``V``); its lower-right block is zero: it is a tangent vector.
-    3. The moments live in coefficient space of the current bases (``R x R``). They
-       are transported to the augmented bases like the point:
-       :math:`m_1 \to (\hat U^\top U) m_1 (V^\top \hat V)`; the second moment through
-       its square root, :math:`m_2 \to ((\hat U^\top U) \sqrt{m_2} (V^\top \hat V))^{\circ 2}`.
+    2. Basis augmentation :math:`\hat U = [U, Q_U]`, :math:`\hat V = [V, Q_V]` (``2R``
+       columns) from the Householder QRs :math:`[U, GV] = \hat U R`,
+       :math:`[V, G^\top U] = \hat V R'` (signs fixed so that the first ``R`` columns are
+       ``U``, ``V`` re-orthonormalised). In these bases the point is
+       :math:`\hat S_0 = \operatorname{diag}(S, 0)` and the Riemannian gradient
+       :math:`P_X G` has the coefficients :math:`\hat G = \begin{bmatrix} dS & C_V^\top
+       \\ C_U & 0 \end{bmatrix}` (up to the placement of inactive columns), where
+       :math:`C_U = Q_U^\top GV` and :math:`C_V = Q_V^\top G^\top U` are read off the QRs'
+       triangular factors (upper triangular). Every coefficient that is zero in exact
+       arithmetic (the normal block, below the triangles, inactive rows and columns) is
+       exactly zero, so Adam's entrywise division never meets a rounding-level one.
+    3. The moments live in coefficient space of the current bases (``R x R``). The old
+       directions come first in the augmented bases, so the transport is the embedding
+       :math:`m \to \operatorname{diag}(m, 0)` for both moments.
     4. Heavy ball (``torch.optim.SGD`` convention) or Adam on the coefficients:
        :math:`\hat S = \hat S_0 - \eta D`.
     5. Truncation :math:`\hat S = P \operatorname{diag}(s) Q^\top`, new rank
@@ -51,7 +54,8 @@ Classes
        ``rank_tol``, :func:`~lowrank_manifolds.integrators.truncation_rank`),
        :math:`U_1 = \hat U P_{r_1}`, :math:`S_1 = \operatorname{diag}(s_{:r_1})`,
        :math:`V_1 = \hat V Q_{r_1}`, and :math:`m_1 \to P_{r_1}^\top m_1 Q_{r_1}`,
-       :math:`m_2 \to (P_{r_1}^\top \sqrt{m_2}\, Q_{r_1})^{\circ 2}`.
+       :math:`m_2 \to (P_{r_1}^{\circ 2})^\top m_2\, Q_{r_1}^{\circ 2}` (see
+       :class:`GeometricAdam`'s ``m2_transport``).
 
     Since :math:`\hat U \hat S \hat V^\top = X - \eta\,\xi` with a tangent
     :math:`\xi`, step 5 is the metric-projection retraction (plus adaptive rank). Cost
@@ -91,7 +95,7 @@ import geoopt
 import torch
 from torch import Tensor, nn
 
-from .._linalg import cat_last, mT, svd_core
+from .._linalg import cat_last, mT, pinv_core, svd_core
 from ..integrators import (
     ABCPSI,
     AugmentedBUG,
@@ -102,6 +106,7 @@ from ..integrators import (
     truncation_rank,
 )
 from ..manifold import FixedRankManifold
+from ._faults import check_finite_grads, check_finite_state_dict
 
 __all__ = [
     "GradientRecorder",
@@ -124,10 +129,10 @@ INTEGRATORS = {
 # low-rank parameter helpers
 # ---------------------------------------------------------------------------
 def is_lowrank_parameter(p) -> bool:
-    """Whether ``p`` is a geoopt manifold tensor/parameter on a :class:`FixedRankManifold`."""
-    return isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)) and isinstance(
-        getattr(p, "manifold", None), FixedRankManifold
-    )
+    """Whether ``p`` is a low-rank weight: its ``manifold`` attribute is a
+    :class:`FixedRankManifold`. Decided by the attribute, not by ``isinstance(p,
+    geoopt.ManifoldParameter)``, which is False inside a ``torch.compile`` frame."""
+    return isinstance(getattr(p, "manifold", None), FixedRankManifold)
 
 
 def _active_mask(u: Tensor, manifold: FixedRankManifold) -> Tensor:
@@ -171,12 +176,50 @@ def _truncate(uh: Tensor, sh: Tensor, vh: Tensor, cap: int, rank_of) -> Tuple[Te
     return uh @ p_r, torch.diag_embed(s1), vh @ q_r, p_r, q_r
 
 
-def _normal_part(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    r""":math:`(I - aa^\top)\, c\, (I - b^\top b)` for coefficients ``c`` in augmented bases
-    where ``a`` (``k_u x R``) and ``b`` (``R x k_v``) hold the old bases: the component of
-    ``c`` normal to the manifold at the old point."""
-    left = c - a @ (mT(a) @ c)
-    return left - (left @ mT(b)) @ b
+def _augmented_basis(u: Tensor, gv: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""``(U^, C)`` from the Householder QR :math:`[U, GV] = QR` (``m x 2R``).
+
+    The signs are fixed so that ``R`` has a non-negative diagonal (the unique QR, continuous
+    in its input): on the active columns :math:`\hat U_{:, :R} = U R_{11}^{-1}` is ``U``
+    re-orthonormalised (``R_11 = I`` up to ``U``'s own rounding; the optimizers take it as
+    exactly ``I``), and the new columns are the unique QR basis of :math:`(I - UU^\top) GV`.
+    ``C`` (``2R x R``) is ``R[:, R:]`` with the rows of ``U``'s active
+    columns zeroed: the coefficients of :math:`(I - UU^\top)GV` in ``U^`` (the zeroed rows
+    hold :math:`U^\top GV`, which belongs to the core block). Its zeros are the QR's
+    exact ones, never rounding: below the diagonal of the lower block, the rows of the
+    old directions, and everything that an inactive (zero) column of ``U`` or ``GV`` touches.
+    (With ``m < 2R`` the basis has ``k = m`` columns instead of ``2R``.)
+    """
+    q, r = torch.linalg.qr(cat_last(u, gv))
+    cap, k = u.shape[-1], q.shape[-1]
+    sign = torch.where(torch.diagonal(r[..., :, :k], dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
+    new = torch.cat([~mask, mask.new_ones(*mask.shape[:-1], k - cap)], -1)
+    return q * sign.unsqueeze(-2), r[..., :, cap:] * (sign * new).unsqueeze(-1)
+
+
+def _tangent_support(mask: Tensor, k_u: int, k_v: int) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Boolean masks ``(core, up, vp)`` (``k_u x k_v``, ``2R x 2R`` unless ``m`` or ``n`` is
+    smaller) of the blocks of a tangent vector's
+    coefficients in the augmented bases of :func:`_augmented_basis` (rows: ``U^``,
+    columns: ``V^``): ``core`` = old x old directions; ``up`` = new x old, upper triangular
+    in the lower block (``C_U``); ``vp`` = old x new, its transpose pattern (``C_V^T``).
+    Everything else, the normal block new x new included, is a structural zero. The masks
+    depend only on the active columns and on indices, never on rounding."""
+    cap = mask.shape[-1]
+    old_u = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], k_u - cap)], -1)
+    old_v = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], k_v - cap)], -1)
+    i = torch.arange(k_u, device=mask.device).unsqueeze(-1)
+    j = torch.arange(k_v, device=mask.device)
+    core = old_u.unsqueeze(-1) & old_v.unsqueeze(-2)
+    up = ~old_u.unsqueeze(-1) & old_v.unsqueeze(-2) & (j >= i - cap)  # C_U: R's upper triangle
+    vp = old_u.unsqueeze(-1) & ~old_v.unsqueeze(-2) & (i >= j - cap)  # C_V^T
+    return core, up, vp
+
+
+def _embed(c: Tensor, k_u: int, k_v: int) -> Tensor:
+    r"""``R x R`` coefficients in the old bases as ``k_u x k_v`` ones in the augmented bases
+    (the old directions come first: :math:`\hat U^\top U = [I; 0]`)."""
+    return nn.functional.pad(c, (0, k_v - c.shape[-1], 0, k_u - c.shape[-2]))
 
 
 def _rank_policy(group: dict, mask: Tensor, manifold: FixedRankManifold):
@@ -453,9 +496,29 @@ class GradientRecorder:
 # base class
 # ---------------------------------------------------------------------------
 class _LowRankOptimizer(torch.optim.Optimizer):
-    """Step loop shared by the optimizers: low-rank weights vs ordinary parameters."""
+    """Step loop shared by the optimizers: low-rank weights vs ordinary parameters.
+
+    * Faults: with ``check_finite = True`` (default; set the attribute to ``False`` to
+      skip it) a non-finite gradient raises ``FloatingPointError`` naming the parameter
+      before any parameter, state or step counter is written, so the next clean step
+      trains. It costs one ``isfinite`` reduction per gradient and one host
+      synchronisation per step (free on the CPU). Under ``torch.amp.GradScaler``,
+      ``scaler.step(optimizer)`` skips steps with infs before this check is reached.
+      ``load_state_dict`` rejects a checkpoint with a non-finite state tensor, by name.
+    * ``torch.compile``: ``step`` always runs eagerly (it is wrapped with
+      ``torch.compiler.disable``, in subclasses too: a graph break). Inside a compiled
+      frame a ``geoopt.ManifoldParameter`` is not recognised by ``isinstance``, and the
+      step's decisions (ranks, finiteness) need host values; low-rank weights are
+      recognised by their ``manifold`` attribute (:func:`is_lowrank_parameter`).
+    """
 
     _recorder: Optional[GradientRecorder] = None
+    check_finite: bool = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            cls.step = torch.compiler.disable(cls.__dict__["step"])
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -491,20 +554,34 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         if self._recorder is not None:
             self._recorder.clear()
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
+        tensor is finite (a ``ValueError`` names the parameter and the state key)."""
+        check_finite_state_dict(self, state_dict)
+        super().load_state_dict(state_dict)
+
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One step for every parameter with a gradient. ``closure`` (optional)
-        re-evaluates the model (zero_grad, forward, backward) and returns the loss."""
+        re-evaluates the model (zero_grad, forward, backward) and returns the loss.
+
+        With ``check_finite`` (default) a non-finite gradient raises ``FloatingPointError``
+        naming the parameter before anything is written (one host sync per step)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if self.check_finite:
+            check_finite_grads(self)
+        for group in self.param_groups:
+            for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if is_lowrank_parameter(p):
                     self._lowrank_step(p, p.grad, group, state)
@@ -522,18 +599,26 @@ class _LowRankOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _augment(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
-        r"""Augmented bases, transport matrices and the coefficients of :math:`\hat S_0`
-        and of the Riemannian gradient (steps 1-2 of the module docstring)."""
+        r"""Augmented bases and the coefficients of :math:`\hat S_0` and of the Riemannian
+        gradient (steps 1-2 of the module docstring), with the block structure exact.
+
+        :func:`_augmented_basis` gives :math:`\hat U = [U, Q_U]`, :math:`\hat V = [V, Q_V]`
+        (``U``, ``V`` re-orthonormalised) and the coefficients :math:`C_U = \hat U^\top
+        (I - UU^\top) GV`, :math:`C_V = \hat V^\top (I - VV^\top) G^\top U` from the QRs'
+        triangular factors, so :math:`\hat S_0 = \operatorname{diag}(S, 0)` and
+        :math:`\hat G = \begin{bmatrix} dS & 0 \\ 0 & 0 \end{bmatrix} + [C_U, 0] +
+        [C_V, 0]^\top`. Entries outside ``support`` (:func:`_tangent_support`) are zero
+        by construction and set to zero explicitly, so no rounding-level coefficient
+        reaches Adam's entrywise division. Returns ``(U^, V^, S^_0, G^, mask, support)``
+        with ``support = (core, up, vp)``."""
         u, s, v, mask, ds, gv, gtu = _riemannian_parts(p, grad, manifold)
-        uh, _ = torch.linalg.qr(cat_last(u, gv))
-        vh, _ = torch.linalg.qr(cat_last(v, gtu))
-        a = mT(uh) @ u  # (2R x R): U in the basis uh
-        b = mT(v) @ vh  # (R x 2R)
-        gv_perp = gv - u @ (mT(u) @ gv)
-        gtu_perp = gtu - v @ (mT(v) @ gtu)
-        s0 = a @ s @ b
-        gh = a @ ds @ b + (mT(uh) @ gv_perp) @ b + a @ (mT(gtu_perp) @ vh)
-        return uh, vh, a, b, s0, gh, mask
+        uh, cu = _augmented_basis(u, gv, mask)
+        vh, cv = _augmented_basis(v, gtu, mask)
+        cap, k_u, k_v = manifold.capacity, uh.shape[-1], vh.shape[-1]
+        support = _tangent_support(mask, k_u, k_v)
+        gh = _embed(ds, k_u, k_v) + nn.functional.pad(cu, (0, k_v - cap)) + nn.functional.pad(mT(cv), (0, 0, 0, k_u - cap))
+        gh = gh * (support[0] | support[1] | support[2])
+        return uh, vh, _embed(s, k_u, k_v), gh, mask, support
 
     @staticmethod
     def _write(p: Tensor, u1: Tensor, s1: Tensor, v1: Tensor) -> None:
@@ -618,7 +703,7 @@ class GeometricSGD(_LowRankOptimizer):
 
     def _lowrank_step(self, p, grad, group, state):
         manifold = p.manifold
-        uh, vh, a, b, s0, gh, mask = self._augment(p, grad, manifold)
+        uh, vh, s0, gh, mask, _ = self._augment(p, grad, manifold)
         if group["weight_decay"]:
             gh = gh + group["weight_decay"] * s0
         mom = group["momentum"]
@@ -627,7 +712,7 @@ class GeometricSGD(_LowRankOptimizer):
             if buf is None:
                 bh = gh.clone()
             else:
-                bh = a @ buf @ b
+                bh = _embed(buf, *gh.shape[-2:])
                 bh.mul_(mom).add_(gh, alpha=1 - group["dampening"])
             direction = gh + mom * bh if group["nesterov"] else bh
         else:
@@ -644,7 +729,7 @@ class GeometricAdam(_LowRankOptimizer):
 
     First and second moments are ``R x R`` coefficient matrices in the current bases.
     Per step (module docstring): Riemannian gradient coefficients :math:`\hat G` in the
-    augmented bases, moments transported (the second through its square root),
+    augmented bases, moments embedded,
     :math:`m_1 \leftarrow \beta_1 m_1 + (1-\beta_1)\hat G`,
     :math:`m_2 \leftarrow \beta_2 m_2 + (1-\beta_2)\hat G^{\circ 2}`, bias-corrected
     direction :math:`D = \hat m_1 / (\sqrt{\hat m_2} + \epsilon)` (zero in the
@@ -667,9 +752,22 @@ class GeometricAdam(_LowRankOptimizer):
         ``Vp``; their coordinates are fresh basis columns every step, so entrywise history
         is zero there and the step is a memoryless ~3.2 lr sign step). Fixes the O(lr)
         plateau at fixed rank (docs/training.md, limit (iii)); slower basis rotation.
-    m2_transport : {"sqrt", "squared"}
-        ``"sqrt"`` (default, the paper's): ``(a sqrt(m2) b)^2``; ``"squared"``:
-        ``(a*a) m2 (b*b)`` (and ``(P*P)^T m2 (Q*Q)``), which cannot cancel.
+    m2_transport : {"squared", "sqrt"}
+        Transport of the second moment through the truncation's singular vectors.
+        ``"squared"`` (default): :math:`(P_r^{\circ 2})^\top m_2 Q_r^{\circ 2}`, a convex
+        combination of the old entries (the columns of :math:`P_r^{\circ 2}`,
+        :math:`Q_r^{\circ 2}` sum to one): it cannot cancel, so
+        :math:`|m_1| / \sqrt{m_2}` stays within ``2R`` times Adam's own bound (Cauchy-Schwarz).
+        ``"sqrt"``: the paper's :math:`(P_r^\top \sqrt{m_2} Q_r)^{\circ 2}`, floored by the
+        squared transport; unlike that one it depends on the signs of the basis columns
+        (fixed here by the unique QR of step 2). Unfloored, its sums of positive entries with signed weights
+        cancel (measured: ``|D|`` up to 282, error 2.99 on the 50 %-observed completion
+        problem of the tests); floored, the positive cross terms remain (first order in
+        the rotation, where the squared transport is second order) and inflate ``m_2``:
+        on the planted 20 x 16 problem of the tests, loss 0.36 after 150 steps
+        against 0.07 with ``"squared"``. (Before the exact block structure of step 2 the
+        paper's transport was the default; its 0.04 there came from rounding-level
+        coefficients turned into full steps.)
 
     Cost as :class:`GeometricSGD`; two ``R x R`` states and a step counter. Ordinary
     parameters: ``torch.optim.Adam`` / ``AdamW`` formulas.
@@ -687,7 +785,7 @@ class GeometricAdam(_LowRankOptimizer):
         rank_tol: Optional[float] = None,
         rank_relative: bool = True,
         min_rank: int = 1,
-        m2_transport: str = "sqrt",
+        m2_transport: str = "squared",
         perp_second_moment: str = "entrywise",
     ):
         defaults = dict(
@@ -708,7 +806,7 @@ class GeometricAdam(_LowRankOptimizer):
         super()._check_group(group)
         _check_betas(group["betas"])
         _check_nonneg(group["eps"], "eps")
-        group.setdefault("m2_transport", "sqrt")
+        group.setdefault("m2_transport", "squared")
         if group["m2_transport"] not in ("sqrt", "squared"):
             raise ValueError(f"m2_transport must be 'sqrt' or 'squared', got {group['m2_transport']!r}")
         group.setdefault("perp_second_moment", "entrywise")
@@ -730,7 +828,7 @@ class GeometricAdam(_LowRankOptimizer):
         if wd and group["decoupled_weight_decay"]:
             manifold.unpack(p)[1].mul_(1 - lr * wd)  # S (a view)
             wd = 0.0
-        uh, vh, a, b, s0, gh, mask = self._augment(p, grad, manifold)
+        uh, vh, s0, gh, mask, (core, up, vp) = self._augment(p, grad, manifold)
         if wd:
             gh = gh + wd * s0
         if not state:
@@ -743,50 +841,39 @@ class GeometricAdam(_LowRankOptimizer):
             state["exp_avg_sq_perp"] = p.new_zeros(*p.shape[:-2], 2)
         state["step"] += 1
         step = state["step"]
-        squared = group.get("m2_transport", "sqrt") == "squared"
-        m1 = a @ state["exp_avg"] @ b
-        if squared:
-            m2 = (a * a) @ state["exp_avg_sq"] @ (b * b)
-        else:
-            m2 = (a @ state["exp_avg_sq"].sqrt() @ b).square()
-        m1.lerp_(gh, 1 - b1)
-        m2.mul_(b2).addcmul_(gh, gh, value=1 - b2)
+        squared = group["m2_transport"] == "squared"
+        # Augmentation transport is the embedding (the old directions are the first ones
+        # of the augmented bases), exact for either m2 transport; m1 and m2 vanish outside
+        # the support because gh does and the transported states live in the core.
+        m1 = _embed(state["exp_avg"], *gh.shape[-2:]).lerp_(gh, 1 - b1)
+        m2 = _embed(state["exp_avg_sq"], *gh.shape[-2:]).mul_(b2).addcmul_(gh, gh, value=1 - b2)
         c2, eps = math.sqrt(1 - b2**step), group["eps"]
         if not scalar_perp:  # the paper's entrywise second moment in all blocks
-            direction = m1 / ((m2.sqrt() / c2).add_(eps))
+            denom = (m2.sqrt() / c2).add_(eps)
         else:
-            # Blocks of the augmented coefficient space: core (span U x span V, transported
-            # coordinates) and the two basis-rotation blocks Up = (I - aa^T) . b^T b and
-            # Vp = aa^T . (I - b^T b), whose rows (columns) are the fresh columns of orth[U, GV]
-            # (orth[V, G^T U]): new directions at every step, so an entrywise second moment
-            # has no history there (the transported state is zero on them). They get one
-            # scalar second moment each, the EMA of the mean square of their gradient
-            # coefficients: invariant under the choice of those columns, hence carried.
-            pu, pv = a @ mT(a), mT(b) @ b
-            g_core = pu @ gh @ pv
-            g_up, g_vp = gh @ pv - g_core, pu @ gh - g_core
+            # The basis-rotation blocks Up (new x old directions) and Vp (old x new) have
+            # as rows (columns) the fresh columns of orth[U, GV] (orth[V, G^T U]): new
+            # directions at every step, so an entrywise second moment has no history there
+            # (the transported state is zero on them). They get one scalar second moment
+            # each, the EMA of the mean square of their gradient coefficients: invariant
+            # under the choice of those columns, hence carried.
             count = mask.sum(-1).clamp(min=1).to(gh.dtype).square()
-            ms = torch.stack([g_up.square().sum((-2, -1)), g_vp.square().sum((-2, -1))], -1) / count.unsqueeze(-1)
+            sq = gh.square()
+            ms = torch.stack([(sq * up).sum((-2, -1)), (sq * vp).sum((-2, -1))], -1) / count.unsqueeze(-1)
             v_perp = state["exp_avg_sq_perp"]
             v_perp.mul_(b2).add_(ms, alpha=1 - b2)
-            m1_core = pu @ m1 @ pv
             rms_perp = (v_perp.sqrt() / c2 + eps).unsqueeze(-1).unsqueeze(-1)
-            direction = (
-                m1_core / ((pu @ m2.sqrt() @ pv) / c2 + eps)
-                + (m1 @ pv - m1_core) / rms_perp[..., 0, :, :]
-                + (pu @ m1 - m1_core) / rms_perp[..., 1, :, :]
-            )
-        # The step is tangent by construction (m1 vanishes on the normal block
-        # (I - aa^T) . (I - b^T b)); rounding-level entries there divided by a
-        # rounding-level sqrt(m2) would not be small, so project them away exactly.
-        direction = direction - _normal_part(direction, a, b)
+            denom = torch.where(up, rms_perp[..., 0, :, :], rms_perp[..., 1, :, :])
+            denom = torch.where(core, m2.sqrt() / c2 + eps, denom)
+        # Exactly zero outside the tangent support (also for eps = 0, where 0 / 0 would be NaN).
+        direction = torch.where(core | up | vp, m1 / denom, 0.0)
         sh = s0 - (lr / (1 - b1**step)) * direction
         u1, s1, v1, p_r, q_r = _truncate(uh, sh, vh, manifold.capacity, _rank_policy(group, mask, manifold))
         state["exp_avg"] = mT(p_r) @ m1 @ q_r
-        if squared:
-            state["exp_avg_sq"] = mT(p_r * p_r) @ m2 @ (q_r * q_r)
-        else:
-            state["exp_avg_sq"] = (mT(p_r) @ m2.sqrt() @ q_r).square()
+        # m2_transport (class docstring): the squared transport cannot cancel; the paper's
+        # square-root transport can, so it is floored by the squared one.
+        m2_t = mT(p_r * p_r) @ m2 @ (q_r * q_r)
+        state["exp_avg_sq"] = m2_t if squared else torch.maximum(m2_t, (mT(p_r) @ m2.sqrt() @ q_r).square())
         self._write(p, u1, s1, v1)
 
 
@@ -1031,8 +1118,8 @@ class DLRT(_LowRankOptimizer):
         du, ds, dv = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(grad)))
         a, b = pair
         # the tangent part from p.grad
-        gv = torch.linalg.solve(mT(s), du, left=False)  # G V = dU S^{-T}
-        gtu = torch.linalg.solve(s, dv, left=False)  # G^T U = dV S^{-1}
+        s_inv = pinv_core(s, manifold._pinv_rtol(s.dtype))  # as egrad2rgrad: a zero s_i freezes nothing
+        gv, gtu = du @ mT(s_inv), dv @ s_inv  # G V = dU S^{+T}, G^T U = dV S^{+}
         up, vp = gv - u @ ds, gtu - v @ mT(ds)
         q_u, _ = torch.linalg.qr(up)  # the new directions of the K-step: orth((I - UU^T) G V)
         # what only the pair knows, and its tangent products for the check
