@@ -17,7 +17,7 @@ def check_finite_grads(optimizer: torch.optim.Optimizer) -> None:
     flags: Dict[torch.device, List[Tensor]] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p.grad is not None and not p.grad.is_sparse:
+            if p.grad is not None and not p.grad.is_sparse and p.grad.device.type != "meta":
                 flags.setdefault(p.grad.device, []).append(torch.isfinite(p.grad).all())
     if all(bool(torch.stack(f).all()) for f in flags.values()):  # host sync per device
         return
