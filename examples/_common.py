@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import random
+import tempfile
 import time
 from typing import Iterable, List, Optional, Sequence
 
@@ -18,10 +19,18 @@ OUTPUT = pathlib.Path(__file__).resolve().parent / "output"
 
 
 def parse_args(description: str, add_arguments=None, argv=None) -> argparse.Namespace:
-    """Common flags (``--quick``, ``--seed``, ``--threads``, ``--no-plot``) plus the
-    script's own (``add_arguments(parser)``); seeds everything and sets the threads."""
+    """Common flags (``--quick``, ``--smoke``, ``--seed``, ``--threads``, ``--no-plot``,
+    ``--output``) plus the script's own (``add_arguments(parser)``); seeds everything,
+    sets the threads and the output folder."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="short configuration (< 1 min)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes and a few steps (seconds; a crash test, not a result); tables and "
+        "plots go to a fresh temporary folder unless --output is given",
+    )
+    parser.add_argument("--output", default=None, help="folder for tables and plots (default examples/output)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-plot", action="store_true", help="do not save the plot")
@@ -30,7 +39,19 @@ def parse_args(description: str, add_arguments=None, argv=None) -> argparse.Name
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    set_output(args.output, args.smoke)
     return args
+
+
+def set_output(folder: Optional[str] = None, smoke: bool = False) -> pathlib.Path:
+    """Where :func:`report` and :func:`save_figure` write: ``folder``, else a fresh
+    temporary folder in a smoke run, else ``examples/output``."""
+    global OUTPUT
+    if folder is not None:
+        OUTPUT = pathlib.Path(folder)
+    elif smoke:
+        OUTPUT = pathlib.Path(tempfile.mkdtemp(prefix="lowrank_examples_smoke_"))
+    return OUTPUT
 
 
 def seed_everything(seed: int) -> None:

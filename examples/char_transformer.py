@@ -44,6 +44,7 @@ counts, optimizer-state bytes and time per step; writes
 ``examples/output/char_transformer_<part>.{md,png}``.
 
     python examples/char_transformer.py --quick            # < 1 min
+    python examples/char_transformer.py --smoke            # seconds: a tiny model, 8 steps
     python examples/char_transformer.py --part a           # a few minutes per method
     python examples/char_transformer.py --part b
 """
@@ -469,6 +470,10 @@ def main():
     if args.quick:
         args.steps, args.warmup, args.eval_every, args.eval_batches = 60, 6, 20, 4
         args.batch, args.layers, args.grid = 16, 1, False
+    if args.smoke:  # a crash test of every method and of the accounting, no result
+        args.steps, args.warmup, args.eval_every, args.eval_batches = 8, 2, 4, 2
+        args.batch, args.context, args.width, args.heads, args.layers, args.rank = 4, 16, 32, 2, 1, 4
+        args.train_kb, args.val_kb, args.grid = 32, 8, False
     data, val, info = load(args)
     vgen = torch.Generator().manual_seed(1234)
     val_batches = [batch(val, args.context, args.batch, vgen) for _ in range(args.eval_batches)]

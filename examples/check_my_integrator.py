@@ -7,8 +7,11 @@ validation and the ``step`` protocol; ``check_integrator`` measures orthonormali
 consistency, order and exactness. A second version with a bug (no
 re-orthonormalisation) shows what a failing report looks like.
 
-Run:  python examples/check_my_integrator.py
+Run:  python examples/check_my_integrator.py [--seed 0] [--threads 1]
+      python examples/check_my_integrator.py --smoke    # smaller problems (10 x 8, rank 2)
 """
+import argparse
+
 import torch
 
 from lowrank_manifolds.integrators import BUG, Integrator, ambient_left, ambient_right
@@ -39,7 +42,13 @@ class ForgetfulEuler(Integrator):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description="check a new low-rank integrator")
+    parser.add_argument("--smoke", action="store_true", help="smaller problems (10 x 8, rank 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the check's random problems")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = dict(m=10, n=8, rank=2) if args.smoke else {}
     for integrator, exact in ((BUG(), True), (SingleEvaluationBUG(), None), (ForgetfulEuler(), None)):
-        report = check_integrator(integrator, exact=exact)
+        report = check_integrator(integrator, exact=exact, seed=args.seed, **sizes)
         print(f"\n## {integrator.name}: {'passes' if report.passed else 'FAILS'}\n\n{report}")

@@ -18,6 +18,7 @@ per epoch; saves accuracy and rank curves to ``examples/output/digits.png``.
 
     python examples/digits.py --quick          # < 1 min
     python examples/digits.py --epochs 60
+    python examples/digits.py --smoke          # seconds: 2 epochs on 512 samples, capacity 16
 """
 import time
 
@@ -167,6 +168,9 @@ def main():
     if args.quick:
         args.epochs = min(args.epochs, 12)
     data = load(args.seed)
+    if args.smoke:  # a crash test: rank-adaptive steps of every method, no result
+        args.epochs, args.cap = 2, 16
+        data = (data[0][:512], data[1][:512]) + data[2:]
     dense_total = sum(n * m for n, m in zip(SIZES[:-2], SIZES[1:-1]))
     results = {m: train(m, data, args) for m in METHODS}
     rows = []

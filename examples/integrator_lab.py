@@ -5,13 +5,42 @@ Runs on CPU in well under a minute (float64, seeded), prints markdown tables and
 ``examples/output/integrator_lab.md``.
 
     python examples/integrator_lab.py [--quick] [--threads N]
+    python examples/integrator_lab.py --smoke [--seed S]   # seconds: tiny problems, output to a temp folder
 """
 import argparse
 import pathlib
+import tempfile
 
 import torch
 
-from lowrank_manifolds.lab import format_tables, run_lab
+from lowrank_manifolds.lab import (
+    LeastSquares,
+    MatrixODE,
+    RankPath,
+    cost_study,
+    default_integrators,
+    exactness_study,
+    format_tables,
+    order_study,
+    rank_study,
+    robustness_study,
+    run_lab,
+)
+
+
+def smoke_lab(seed):
+    """Every study of :func:`run_lab` on tiny problems (seeded by ``seed``): a crash test,
+    the figures mean little."""
+    integrators = default_integrators(3)
+    size, hs = (20, 15, 3), (0.1, 0.05)
+    return {
+        "order_ode": order_study(integrators, MatrixODE(*size, seed=seed), T=0.2, hs=hs),
+        "order_path": order_study(integrators, RankPath(*size, sigma_min=1e-6, seed=seed), T=0.2, hs=hs),
+        "robustness": robustness_study(integrators, size=size, sigmas=(1e-2, 1e-8), steps=3),
+        "exactness": exactness_study(integrators, size=size, steps=3),
+        "rank": rank_study(integrators, tols=(1e-1, 1e-3), steps=4, problem=LeastSquares(20, 15, 4, 60, seed=seed)),
+        "cost": cost_study(integrators, 100, 80, 4, 8, repeats=1),
+    }
 
 
 def plot(results, path):
@@ -48,19 +77,27 @@ def plot(results, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (< 1 min)")
+    parser.add_argument("--smoke", action="store_true", help="tiny problems (seconds), output to a temporary folder")
+    parser.add_argument("--seed", type=int, default=0, help="torch's seed; with --smoke also the problems'")
+    parser.add_argument("--no-plot", action="store_true", help="do not save the plot")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small matrices)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
 
-    results = run_lab(quick=args.quick)
+    results = smoke_lab(args.seed) if args.smoke else run_lab(quick=args.quick)
     table = format_tables(results)
     print(table)
 
-    out = pathlib.Path(__file__).parent / "output"
-    out.mkdir(exist_ok=True)
+    if args.smoke:
+        out = pathlib.Path(tempfile.mkdtemp(prefix="lowrank_examples_smoke_"))
+    else:
+        out = pathlib.Path(__file__).parent / "output"
+        out.mkdir(exist_ok=True)
     (out / "integrator_lab.md").write_text(table + "\n")
+    if args.no_plot:
+        return
     try:
         plot(results, out / "integrator_lab.png")
         print(f"\nplot saved to {out / 'integrator_lab.png'}")

@@ -1,6 +1,7 @@
 """Compress an MLP to low rank, fine-tune it on the manifold, export plain layers.
 
-    python examples/lowrank_layers.py
+    python examples/lowrank_layers.py [--seed 0] [--threads 1]
+    python examples/lowrank_layers.py --smoke    # a smaller task, a few steps per stage
 
 1. train a small dense MLP on a synthetic regression task (a stand-in for a
    pretrained model);
@@ -14,6 +15,7 @@
 
 Seeded; runs in a few seconds on a CPU.
 """
+import argparse
 import copy
 
 import geoopt
@@ -43,11 +45,17 @@ def train(model, x, y, opt, steps):
 
 
 def main():
+    parser = argparse.ArgumentParser(description="compress an MLP, fine-tune it on the manifold, export it")
+    parser.add_argument("--smoke", action="store_true", help="a smaller task, a few steps per stage")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args()
     # The matrices here are tiny: one thread is fastest (no OpenMP spin-waiting on
     # a busy machine) and makes the printed numbers reproducible.
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    d_in, hidden, d_out, n = 32, 128, 8, 1024
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    d_in, hidden, d_out, n = (32, 64, 8, 128) if args.smoke else (32, 128, 8, 1024)
+    pre_steps, tune_steps = (20, 10) if args.smoke else (200, 100)
     # a teacher whose hidden maps have a decaying spectrum, so low rank is a fair model
     teacher = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
     with torch.no_grad():
@@ -64,7 +72,7 @@ def main():
     dense = nn.Sequential(
         nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, d_out)
     )
-    loss = train(dense, x, y, torch.optim.Adam(dense.parameters(), lr=3e-3), 200)
+    loss = train(dense, x, y, torch.optim.Adam(dense.parameters(), lr=3e-3), pre_steps)
     print(f"dense model:       {n_params(dense):7d} parameters, train MSE {loss:.4f}")
 
     # 2. compress: every layer whose rank-r factors store fewer numbers than W
@@ -76,7 +84,7 @@ def main():
 
     # 3. fine-tune on the manifold (stock geoopt optimizer)
     opt = geoopt.optim.RiemannianAdam(low.parameters(), lr=3e-3)
-    loss1 = train(low, x, y, opt, 100)
+    loss1 = train(low, x, y, opt, tune_steps)
     print(f"after fine-tuning:                     train MSE {loss1:.4f}")
     for name, p in low.named_parameters():
         if isinstance(p, geoopt.ManifoldParameter):
@@ -100,7 +108,7 @@ def main():
         same = (adapted(x_test) - dense(x_test)).abs().max().item()
         before = F.mse_loss(adapted(x), y_shift).item()
     trainable = [p for p in adapted.parameters() if p.requires_grad]
-    after = train(adapted, x, y_shift, geoopt.optim.RiemannianAdam(trainable, lr=1e-2), 100)
+    after = train(adapted, x, y_shift, geoopt.optim.RiemannianAdam(trainable, lr=1e-2), tune_steps)
     merged = export_dense(copy.deepcopy(adapted))
     with torch.no_grad():
         diff_m = (merged(x_test) - adapted(x_test)).abs().max().item()

@@ -18,6 +18,7 @@ All methods start from the same point (X0 = U0 (0.1 I) V0^T, Haar U0, V0); the s
 size grids span about a decade around the stable range of each method.
 
     python examples/matrix_problem.py [--quick] [--iters 3000]
+    python examples/matrix_problem.py --smoke    # seconds: 20 iterations, one step size each
 """
 import time
 import warnings
@@ -110,9 +111,12 @@ def main():
     args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument("--iters", type=int, default=3000))
     warnings.filterwarnings("ignore", message="DLRT: no recorded")
     iters = 800 if args.quick else args.iters
+    grids = GRIDS
+    if args.smoke:  # a crash test of every method, no result: the middle of each grid
+        iters, grids = 20, {method: [grid[len(grid) // 2]] for method, grid in GRIDS.items()}
     a, mask = problem(args.seed)
     rows, curves = [], {}
-    for method, grid in progress(list(GRIDS.items()), desc="methods"):
+    for method, grid in progress(list(grids.items()), desc="methods"):
         best = None
         for lr in grid:
             t0 = time.perf_counter()

@@ -6,8 +6,10 @@ from the spectral estimate (the best rank-5 approximation of the zero-filled
 observations over the sampling rate). The loss only touches the observed entries,
 gathered from the factors, so no 300 x 200 matrix is formed during training.
 
-Run:  python examples/quickstart.py
+Run:  python examples/quickstart.py [--seed 0] [--threads N]
+      python examples/quickstart.py --smoke    # 100 x 80, rank 3, 40 steps (a crash test)
 """
+import argparse
 import time
 
 import geoopt
@@ -16,8 +18,16 @@ from torch import nn
 
 from lowrank_manifolds import FixedRankManifold
 
-torch.manual_seed(0)
-m, n, rank = 300, 200, 5
+parser = argparse.ArgumentParser(description="low-rank matrix completion with RiemannianSGD")
+parser.add_argument("--smoke", action="store_true", help="tiny problem, a few steps")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+torch.manual_seed(args.seed)
+# smoke: on the small problem the step 1 / rate diverges for some seeds, half of it does not
+m, n, rank, steps, lr_scale = (100, 80, 3, 40, 0.5) if args.smoke else (300, 200, 5, 500, 1.0)
 
 # ground truth and the observed entries
 truth = torch.randn(m, rank, dtype=torch.float64) @ torch.randn(rank, n, dtype=torch.float64)
@@ -41,10 +51,10 @@ class Completion(nn.Module):
 
 
 model = Completion()
-optimizer = geoopt.optim.RiemannianSGD(model.parameters(), lr=1.0 / rate)
+optimizer = geoopt.optim.RiemannianSGD(model.parameters(), lr=lr_scale / rate)
 start = time.perf_counter()
 print(f"{'step':>5} {'loss':>12} {'relative error':>15}")
-for step in range(1, 501):
+for step in range(1, steps + 1):
     optimizer.zero_grad()
     loss = model()
     loss.backward()

@@ -27,6 +27,7 @@ Prints the iterations to reach ||w - w*|| < 1e-6 and saves the trajectories to
 ``examples/output/unit_circle.png``.
 
     python examples/unit_circle.py [--steps 500] [--lr 0.1]
+    python examples/unit_circle.py --smoke       # seconds: 20 steps
 """
 import math
 
@@ -136,7 +137,7 @@ def main():
         __doc__.splitlines()[0],
         lambda p: (p.add_argument("--steps", type=int, default=500), p.add_argument("--lr", type=float, default=0.1)),
     )
-    steps = 150 if args.quick else args.steps
+    steps = 20 if args.smoke else 150 if args.quick else args.steps  # the tables need >= 11
     lr = args.lr
     sections, runs_hb = [], None
     for beta, title in ((0.0, "gradient descent"), (0.9, "heavy ball, momentum 0.9")):
