@@ -939,7 +939,8 @@ class DLRT(_LowRankOptimizer):
        before anything is written, and ``model=None`` (the field :math:`-P_X G` from
        ``p.grad`` alone) is the way to train with it.
 
-    The field is :math:`F = -(P_X G + c N') - \lambda W`, a factor pair of width ``3r``.
+    The field is :math:`F = -(P_X G + c N') - \lambda W`, a factor pair of width ``2r``
+    (that of the tangent field, since :math:`U_p = Q_u R_u`).
     abc-PSI, augmented BUG and parallel BUG only apply :math:`F` to :math:`V`, to
     :math:`U` and to bases inside :math:`\operatorname{span}[U, Q_u]` (resp.
     :math:`[V, Q_v]`), on which :math:`N' = N`: the step equals the step with the exact
@@ -1121,7 +1122,7 @@ class DLRT(_LowRankOptimizer):
         s_inv = pinv_core(s, manifold._pinv_rtol(s.dtype))  # as egrad2rgrad: a zero s_i freezes nothing
         gv, gtu = du @ mT(s_inv), dv @ s_inv  # G V = dU S^{+T}, G^T U = dV S^{+}
         up, vp = gv - u @ ds, gtu - v @ mT(ds)
-        q_u, _ = torch.linalg.qr(up)  # the new directions of the K-step: orth((I - UU^T) G V)
+        q_u, r_u = torch.linalg.qr(up)  # the K-step's new directions: Up = (I - UU^T) G V = Q_u R_u
         # what only the pair knows, and its tangent products for the check
         gv_rec = a @ (mT(b) @ v)
         gtu_rec, btq = (b @ (mT(a) @ cat_last(u, q_u))).split(r, dim=-1)  # one product for both
@@ -1139,7 +1140,8 @@ class DLRT(_LowRankOptimizer):
         rtol = self._grad_rtol if self._grad_rtol is not None else 10 * math.sqrt(torch.finfo(p.dtype).eps)
         residual = res2.sqrt() / (rtol * gg.sqrt().clamp(min=tiny))
         mm = ds + weight_decay * s if weight_decay else ds  # P_X(W) = U S V^T: only M
-        field = MatrixField((cat_last(-(u @ mm + up), -u, -c * q_u), cat_last(v, vp, ntq)))
+        # P_X G + c N' = U (M V^T + Vp^T) + Q_u (R_u V^T + c (N^T Q_u)^T): a pair of width 2r
+        field = MatrixField((cat_last(u, q_u), -cat_last(v @ mT(mm) + vp, v @ mT(r_u) + c * ntq)))
         return field, residual
 
     def _average(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
