@@ -112,19 +112,7 @@ def max_abs_diff(a, b):
 
 @pytest.mark.parametrize(
     "case",
-    CASES
-    + [
-        pytest.param(
-            RECORDER,
-            marks=pytest.mark.xfail(
-                strict=False,
-                raises=AssertionError,
-                reason="DLRT with model= builds its step from the recorded (x, dY) pairs, not from DDP's "
-                "averaged p.grad: it does not yet equal one-process training on the union batch "
-                "(issue 10, one gradient channel)",
-            ),
-        )
-    ],
+    CASES + [RECORDER],
 )
 def test_ddp_equals_single_process(case, runs):
     r0, r1 = runs(case)

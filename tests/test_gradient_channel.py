@@ -18,12 +18,13 @@ F64 = torch.float64
 NAMES = {"abc-psi": ABCPSI, "augmented-bug": AugmentedBUG, "parallel-bug": ParallelBUG}
 
 
-def problem(seed=0, batch=16):
+def problem(seed=0, batch=16, shape=(9, 7, 2, 5)):
+    n, m, rank, cap = shape
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 9, generator=g, dtype=F64)
-    y = torch.randn(batch, 7, generator=g, dtype=F64)
+    x = torch.randn(batch, n, generator=g, dtype=F64)
+    y = torch.randn(batch, m, generator=g, dtype=F64)
     torch.manual_seed(seed)
-    layer = LowRankLinear(9, 7, rank=2, max_rank=5, dtype=F64)
+    layer = LowRankLinear(n, m, rank=rank, max_rank=cap, dtype=F64)
     return layer, x, y
 
 
@@ -44,8 +45,11 @@ def dense_reference(layer, x, y, scale, name, h, tol):
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
-def test_clipping_scales_the_whole_step(name):
-    layer, x, y = problem()
+@pytest.mark.parametrize("shape", [(9, 7, 2, 5), (12, 3, 2, 2)], ids=["wide", "m<2r"])
+def test_clipping_scales_the_whole_step(name, shape):
+    """Also where (I - UU^T) G V is rank deficient (m = 3 < 2r = 4): the new directions must
+    stay orthogonal to U, or a rounding-dependent term enters the step."""
+    layer, x, y = problem(shape=shape)
     ref = dense_reference(layer, x, y, 1.0, name, 0.5, 0.05)  # unclipped, for contrast
     opt = DLRT([layer.weight], lr=0.5, integrator=name, rank_tol=0.05, model=layer)
     loss_of(layer, x, y).backward()

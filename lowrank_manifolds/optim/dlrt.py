@@ -927,8 +927,10 @@ class DLRT(_LowRankOptimizer):
        (:math:`GV = dU\,S^{-\top}`, :math:`G^\top U = dV\,S^{-1}`, :math:`U^\top G V = dS`),
        so DDP's all-reduce, GradScaler's unscaling, clipping, accumulation and ``p.grad``
        hooks act on it exactly as on any ``torch.optim`` step;
-    2. the new directions of the K-step are :math:`Q_u = \operatorname{orth}((I - UU^\top) GV)`
-       (from ``p.grad``, hence the same on every DDP rank), and the normal part enters
+    2. the new directions of the K-step are :math:`Q_u`, an orthonormal basis of the
+       complement of ``U`` in :math:`\operatorname{span}[U, (I - UU^\top) GV]` (the last
+       columns of the QR of :math:`[U, U_p]`; from ``p.grad``, hence the same on every DDP
+       rank; orthogonal to ``U`` even where :math:`U_p` is rank deficient), and the normal part enters
        only as :math:`N' = Q_u Q_u^\top N`, from the recorded pair :math:`G_{rec} = AB^\top`
        as :math:`N^\top Q_u = (I - VV^\top) B (A^\top Q_u)` (``n x r``);
     3. ``p.grad`` must be a scalar multiple :math:`c\,\nabla_{[U;S;V]}` of the gradient the
@@ -1122,7 +1124,11 @@ class DLRT(_LowRankOptimizer):
         s_inv = pinv_core(s, manifold._pinv_rtol(s.dtype))  # as egrad2rgrad: a zero s_i freezes nothing
         gv, gtu = du @ mT(s_inv), dv @ s_inv  # G V = dU S^{+T}, G^T U = dV S^{+}
         up, vp = gv - u @ ds, gtu - v @ mT(ds)
-        q_u, r_u = torch.linalg.qr(up)  # the K-step's new directions: Up = (I - UU^T) G V = Q_u R_u
+        # The K-step's new directions: Q_u, orthonormal and orthogonal to U (the last columns of
+        # the QR of [U, Up]; a QR of Up alone would fill a rank-deficient Up with columns that
+        # are not), so that Q_u Q_u^T is a projection inside the complement of U; Up = Q_u R_u.
+        q_u = torch.linalg.qr(cat_last(u, up))[0][..., r:]
+        r_u = mT(q_u) @ up
         # what only the pair knows, and its tangent products for the check
         gv_rec = a @ (mT(b) @ v)
         gtu_rec, btq = (b @ (mT(a) @ cat_last(u, q_u))).split(r, dim=-1)  # one product for both
