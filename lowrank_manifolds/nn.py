@@ -259,17 +259,30 @@ class _ManifoldModule(nn.Module):
         """The :class:`~lowrank_manifolds.FixedRankManifold` of the layer's point
         (``weight``, or ``delta`` of :class:`LowRankAdapterLinear`).
 
-        Read from the parameter; when it has been replaced by a tensor that does not carry
-        it (``torch.func.functional_call``, FSDP, other wrappers), the layer's own, kept since
-        construction, so that the forward works with any packed tensor of the right shape;
-        anything else raises a ``TypeError`` that names the cause (an ``AttributeError``
-        here would be masked by ``nn.Module.__getattr__``)."""
+        Read from the parameter; when it has been replaced by a plain tensor that does not
+        carry it (``torch.func.functional_call``), the layer's own, kept since construction,
+        so that the forward works with any packed tensor of the right shape. A registered
+        ``nn.Parameter`` without the manifold (FSDP's sharding, an assignment), which every
+        optimizer would step off the manifold, and a tensor of the wrong shape raise a
+        ``TypeError`` that names the cause (an ``AttributeError`` here would be masked by
+        ``nn.Module.__getattr__``)."""
         name = self.__dict__["_point_name"]
         point = getattr(self, name)
         found = getattr(point, "manifold", None)
         if isinstance(found, FixedRankManifold):
             return found
         own = self.__dict__["_own_manifold"]
+        if isinstance(point, nn.Parameter):
+            # A registered parameter without the manifold: an optimizer would take a Euclidean
+            # step on it and leave the manifold silently (FSDP2's sharded DTensor is one).
+            raise TypeError(
+                f"the {name} of this {type(self).__name__} is an nn.Parameter of type "
+                f"{type(point).__name__} without a FixedRankManifold: a wrapper (FSDP's fully_shard or "
+                "FullyShardedDataParallel) or an assignment replaced the geoopt.ManifoldParameter, and "
+                "every optimizer would now step off the manifold. Sharding low-rank weights is not "
+                "supported: replicate them with DistributedDataParallel (they are small), or assign "
+                "a geoopt.ManifoldParameter carrying the layer's manifold"
+            )
         if isinstance(point, Tensor) and tuple(point.shape) == tuple(own.packed_shape):
             return own
         raise TypeError(

@@ -133,3 +133,37 @@ def test_ddp_equals_single_process(case, runs):
     assert r0["ranks"] == r1["ranks"], "the ranks took different rank decisions"
     assert r0["ranks"] == r0["reference_ranks"], "DDP and single-process training took different rank decisions"
     assert ddp_single <= 1e-10
+
+
+FSDP2_SCRIPT = """
+import torch, torch.distributed as dist
+from torch import nn
+from lowrank_manifolds.nn import LowRankLinear
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+try:
+    from torch.distributed.fsdp import fully_shard
+    model = nn.Sequential(nn.Linear(8, 16), LowRankLinear(16, 16, rank=3), nn.Linear(16, 4))
+    fully_shard(model)
+    try:
+        model(torch.randn(5, 8))
+    except TypeError as err:
+        print("REFUSED:", err)
+    else:
+        print("RAN")
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_sharding_a_lowrank_weight_is_refused_with_a_clear_error():
+    """FSDP2 replaces the ManifoldParameter by a sharded DTensor without the manifold, on which
+    every optimizer would take a Euclidean step: the first forward says so instead."""
+    pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(__import__("torch.distributed.fsdp", fromlist=["fully_shard"]), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(HERE), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT.format(port=free_port())], env=env,
+                         capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "REFUSED:" in out.stdout and "Sharding low-rank weights is not supported" in out.stdout, out.stdout
