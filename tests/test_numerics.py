@@ -1,5 +1,7 @@
 """Float32 robustness: float64 cores, orthonormal bases over long runs, projx on any finite
 input, zero singular values, gradients through the retractions, non-finite gradients."""
+import math
+import warnings
 import pathlib
 
 import geoopt
@@ -432,3 +434,38 @@ def test_check_finite_setting():
     assert not FixedRankManifold(6, 5, 2)._checks_finite(torch.empty(1, device="meta"))
     with pytest.raises(TypeError, match="check_finite"):
         FixedRankManifold(6, 5, 2, check_finite=1)
+
+
+@pytest.mark.parametrize("kind", ["GeometricSGD", "GeometricAdam", "DLRT", "DLRT recorded"])
+def test_our_optimizers_move_a_weight_with_an_exactly_zero_singular_value(kind):
+    """S = diag(1, 0.5, 0): the step is finite (no singular solve), the loss decreases, and the
+    zero singular value grows back (the target needs rank 3)."""
+    from lowrank_manifolds.nn import LowRankLinear
+    from lowrank_manifolds.optim import DLRT, GeometricAdam, GeometricSGD
+
+    torch.manual_seed(0)
+    layer = LowRankLinear(8, 6, rank=3, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        layer.manifold.unpack(layer.weight)[1].copy_(torch.diag(torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    target = x @ torch.randn(6, 8, generator=g, dtype=torch.float64).T
+    opt = {
+        "GeometricSGD": lambda: GeometricSGD(layer.parameters(), lr=0.05),
+        "GeometricAdam": lambda: GeometricAdam(layer.parameters(), lr=0.02),
+        "DLRT": lambda: DLRT(layer.parameters(), lr=0.05),
+        "DLRT recorded": lambda: DLRT(layer.parameters(), lr=0.05, model=layer),
+    }[kind]()
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # DLRT without model= says it once
+        for _ in range(30):
+            opt.zero_grad()
+            loss = ((layer(x) - target) ** 2).mean()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    assert all(math.isfinite(v) for v in losses)
+    assert torch.isfinite(layer.weight).all()
+    assert losses[-1] < 0.9 * losses[0]
+    assert float(torch.linalg.svdvals(layer.dense_weight().detach())[2]) > 1e-3

@@ -142,15 +142,16 @@ def _active_mask(u: Tensor, manifold: FixedRankManifold) -> Tensor:
 
 def _riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
     r"""``(U, S, V, mask, dS, GV, GtU)`` with ``GV``, ``GtU`` the products :math:`GV`,
-    :math:`G^\top U` recovered from autograd's ``dU = G V S^T``, ``dV = G^T U S``: the
-    solves take the manifold's invertible core (``S`` itself at fixed rank; with a
-    capacity, ``S`` plus ones on the inactive diagonal, i.e. the pseudo-inverse of the
-    padded ``S``), the same convention as :meth:`FixedRankManifold.egrad2rgrad`."""
+    :math:`G^\top U` recovered from autograd's ``dU = G V S^T``, ``dV = G^T U S`` with the
+    pseudo-inverse of the manifold's invertible core (``S`` itself at fixed rank; with a
+    capacity, ``S`` plus ones on the inactive diagonal), singular values below the
+    manifold's threshold treated as zero: the convention of
+    :meth:`FixedRankManifold.egrad2rgrad`, so that an exactly zero singular value gives a
+    finite step (its ``dS`` part can grow it back) instead of a singular solve."""
     u, s, v = manifold.unpack(p)
     du, ds, dv = manifold.unpack(grad)
-    core = manifold._invertible_core(u, s)
-    gv = torch.linalg.solve(mT(core), du, left=False)  # dU S^{+T}
-    gtu = torch.linalg.solve(core, dv, left=False)  # dV S^{+}
+    s_inv = pinv_core(manifold._invertible_core(u, s), manifold._pinv_rtol(s.dtype))
+    gv, gtu = du @ mT(s_inv), dv @ s_inv  # dU S^{+T}, dV S^{+}
     return u, s, v, _active_mask(u, manifold), ds, gv, gtu
 
 
