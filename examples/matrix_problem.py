@@ -28,7 +28,7 @@ import torch
 
 from _common import first_below, format_table, new_figure, parse_args, progress, report, save_figure
 from lowrank_manifolds import FixedRankManifold
-from lowrank_manifolds.optim.dlrt import DLRT, GeometricAdam, GeometricSGD
+from lowrank_manifolds.optim import DLRT, GeometricAdam, GeometricSGD
 
 F64 = torch.float64
 M, N, R = 60, 50, 4

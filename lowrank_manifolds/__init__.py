@@ -7,8 +7,11 @@ Where things live:
   are packed ``[U; S; V]`` tensors usable as ``geoopt.ManifoldParameter``);
 - ``lowrank_manifolds.integrators``: dynamical low-rank integrators (KSL, BUG,
   augmented and parallel BUG, abc-PSI) and rank truncation;
-- ``lowrank_manifolds.nn``: low-rank layers and model conversion;
-- ``lowrank_manifolds.optim``: low-rank optimizers;
+- ``lowrank_manifolds.nn``: low-rank layers (``layers``), adapters (``adapter``) and model
+  conversion (``convert``);
+- ``lowrank_manifolds.optim``: low-rank optimizers: ``geometric`` (GeometricSGD/Adam),
+  ``dlrt`` (DLRT) with its gradient ``recorder``, ``lora_pre`` (LoRAPreAdam), the shared
+  step loop in ``_base``;
 - ``lowrank_manifolds.testing``: Hypothesis strategies and checks (needs hypothesis);
 - ``lowrank_manifolds.lab``: the integrator lab (test problems and studies).
 """

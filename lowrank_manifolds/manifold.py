@@ -661,7 +661,9 @@ class FixedRankManifold(Manifold):
         first, ``S`` of full rank there, diagonal or not) :math:`R_u = R_v = I` and
         :math:`P_r G = Q_r H = [I; 0]` to rounding, so ``projx`` returns the point
         unchanged, packed tensor included (optimizer states stored in its gauge stay
-        valid), and ``projx(projx(x)) == projx(x)``.
+        valid), and ``projx(projx(x)) == projx(x)``. Where ``min_rank`` keeps singular values
+        at the rounding level, their singular vectors are not determined: ``projx`` then
+        keeps the matrix, and the packed tensor may rotate within those columns.
 
         Cost: two QRs of m x R and n x R (the parameter's dtype), one R x R SVD and two
         R x R QRs (float64) with a capacity; only the QRs at fixed rank. No host sync.

@@ -192,7 +192,7 @@ def test_compiled_step_equals_eager_and_stays_on_the_manifold(name):
 
 
 def test_lowrank_parameters_are_recognised_by_their_manifold_attribute():
-    from lowrank_manifolds.optim.dlrt import is_lowrank_parameter
+    from lowrank_manifolds.optim import is_lowrank_parameter
 
     layer = LowRankLinear(4, 3, rank=2)
     plain = layer.weight.detach().clone()

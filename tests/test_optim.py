@@ -1,4 +1,4 @@
-"""Tests of the geometry-aware and DLRT optimizers (lowrank_manifolds.optim.dlrt).
+"""Tests of the geometry-aware and DLRT optimizers (lowrank_manifolds.optim).
 
 Independent references: dense autograd gradients, the manifold's dense-formula-tested
 projection and retraction, the integrators (their own dense tests), torch.optim.SGD /
@@ -17,13 +17,8 @@ from torch import nn
 from lowrank_manifolds import FixedRankManifold
 from lowrank_manifolds.integrators import ABCPSI, AugmentedBUG, MatrixField, ParallelBUG, Truncation
 from lowrank_manifolds.nn import LowRankAdapterLinear, LowRankLinear
-from lowrank_manifolds.optim.dlrt import (
-    DLRT,
-    GeometricAdam,
-    GeometricSGD,
-    GradientRecorder,
-    _truncate,
-)
+from lowrank_manifolds.optim import DLRT, GeometricAdam, GeometricSGD, GradientRecorder
+from lowrank_manifolds.optim._base import truncate
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -259,7 +254,7 @@ def test_truncation_transport_is_projection_onto_new_bases():
     vh, _ = torch.linalg.qr(torch.randn(N, k, generator=g, dtype=F64))
     sh = torch.randn(k, k, generator=g, dtype=F64)
     mom = torch.randn(k, k, generator=g, dtype=F64)
-    u1, s1, v1, p_r, q_r = _truncate(uh, sh, vh, cap, lambda s: torch.tensor(3))
+    u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, cap, lambda s: torch.tensor(3))
     assert torch.all(u1[:, 3:] == 0) and torch.all(s1[3:] == 0)
     dense = uh @ mom @ vh.T
     moved = u1 @ (p_r.T @ mom @ q_r) @ v1.T

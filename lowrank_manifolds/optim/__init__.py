@@ -1,14 +1,27 @@
 """Optimizers for low-rank training.
 
-- :class:`GeometricSGD`, :class:`GeometricAdam`: heavy ball and Adam for low-rank
-  weights with moments held in the coefficient space of the current bases;
-- :class:`DLRT`: dynamical low-rank training steps with abc-PSI, augmented BUG or
-  parallel BUG, rank-adaptive by tolerance within the layers' capacity (``max_rank``)
-  (:class:`GradientRecorder` serves, for linear and convolutional layers, the
-  gradient's products from one forward and one backward pass);
-- :class:`LoRAPreAdam`: Adam whose moments are kept as low-rank factors.
-"""
-from .dlrt import DLRT, GeometricAdam, GeometricSGD, GradientRecorder
-from .lora_pre import LoRAPreAdam
+- :class:`GeometricSGD`, :class:`GeometricAdam` (``geometric``): heavy ball and Adam for
+  low-rank weights with moments held in the coefficient space of the current bases;
+- :class:`DLRT` (``dlrt``): dynamical low-rank training steps with abc-PSI, augmented BUG or
+  parallel BUG, rank-adaptive by tolerance within the layers' capacity (``max_rank``);
+  its :class:`GradientRecorder` (``recorder``) serves, for linear and convolutional
+  layers, the gradient's products from one forward and one backward pass;
+- :class:`LoRAPreAdam` (``lora_pre``): Adam whose moments are kept as low-rank factors.
 
-__all__ = ["DLRT", "GeometricAdam", "GeometricSGD", "GradientRecorder", "LoRAPreAdam"]
+What they share (the step loop, the finiteness checks, the truncation) is in ``_base``.
+"""
+from ._base import is_lowrank_parameter
+from .dlrt import DLRT, INTEGRATORS
+from .geometric import GeometricAdam, GeometricSGD
+from .lora_pre import LoRAPreAdam
+from .recorder import GradientRecorder
+
+__all__ = [
+    "DLRT",
+    "GeometricAdam",
+    "GeometricSGD",
+    "GradientRecorder",
+    "INTEGRATORS",
+    "LoRAPreAdam",
+    "is_lowrank_parameter",
+]
