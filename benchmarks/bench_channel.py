@@ -85,12 +85,12 @@ def main():
 
     @contextlib.contextmanager
     def float32_cores():
-        keep = linalg._core_dtype
-        linalg._core_dtype = lambda a: a.dtype
+        keep = linalg.core_dtype
+        linalg.core_dtype = lambda a: a.dtype
         try:
             yield
         finally:
-            linalg._core_dtype = keep
+            linalg.core_dtype = keep
 
     def step_fn(net, opt, cores32=False):
         def step():

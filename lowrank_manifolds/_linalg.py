@@ -105,13 +105,20 @@ def eye_like(a: Tensor, k: int) -> Tensor:
     return torch.eye(k, dtype=a.dtype, device=a.device)
 
 
+def cat_rows(*tensors: Tensor) -> Tensor:
+    """Stack matrices on top of each other (second-to-last axis), broadcasting their batch
+    axes: the packing ``[U; S; V]`` of points and tangent vectors."""
+    batch = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors))
+    return torch.cat([t.expand(*batch, *t.shape[-2:]) for t in tensors], dim=-2)
+
+
 def cat_last(*tensors: Tensor) -> Tensor:
     """Concatenate matrices side by side (last axis), broadcasting their batch axes."""
     batch = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors))
     return torch.cat([t.expand(*batch, *t.shape[-2:]) for t in tensors], dim=-1)
 
 
-def _core_dtype(a: Tensor) -> torch.dtype:
+def core_dtype(a: Tensor) -> torch.dtype:
     # MPS has no float64; everywhere else the small cores are decomposed in float64.
     return a.dtype if a.dtype == torch.float64 or a.device.type == "mps" else torch.float64
 
@@ -163,7 +170,7 @@ def _svd_backward(p: Tensor, s: Tensor, qh: Tensor, gp: Tensor, gs: Tensor, gqh:
 class _SVDCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a):
-        work = _core_dtype(a)
+        work = core_dtype(a)
         p, s, qh = torch.linalg.svd(a.to(work), full_matrices=False)
         p, s, qh = p.to(a.dtype), s.to(a.dtype), qh.to(a.dtype)
         ctx.save_for_backward(p, s, qh)
@@ -191,20 +198,20 @@ def svd_core(a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """
     if torch.is_grad_enabled() and a.requires_grad:
         return _SVDCore.apply(a)
-    work = _core_dtype(a)
+    work = core_dtype(a)
     p, s, qh = torch.linalg.svd(a.to(work), full_matrices=False)
     return p.to(a.dtype), s.to(a.dtype), qh.to(a.dtype)
 
 
 def svdvals_core(a: Tensor) -> Tensor:
     """Singular values of a small core, computed in float64 as :func:`svd_core`."""
-    return torch.linalg.svdvals(a.to(_core_dtype(a))).to(a.dtype)
+    return torch.linalg.svdvals(a.to(core_dtype(a))).to(a.dtype)
 
 
 def solve_core(a: Tensor, b: Tensor, *, left: bool = True) -> Tensor:
     """``a^{-1} b`` (``left``) or ``b a^{-1}`` for a small square core ``a``, solved in float64
     (as :func:`svd_core`) and returned in the dtype of ``b``. Differentiable."""
-    work = _core_dtype(b)
+    work = core_dtype(b)
     return torch.linalg.solve(a.to(work), b.to(work), left=left).to(b.dtype)
 
 

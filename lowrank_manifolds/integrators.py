@@ -69,7 +69,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._linalg import cat_last, mT, qr
+from ._linalg import cat_last, cat_rows, mT, qr
 from .manifold import FixedRankManifold
 from .truncation import Truncation, truncation_rank
 
@@ -583,7 +583,7 @@ class RetractionStep(Integrator):
     def _step(self, U, S, V, field, h, t):
         manifold = _square_core_manifold(U, S, V, self.name, retraction=self.kind)
         z = self._evaluate(field, U, S, V, t)
-        x = FixedRankManifold._cat(U, S, V)
+        x = cat_rows(U, S, V)
         xi = manifold.proj_lowrank(x, *z) if isinstance(z, tuple) else manifold.proj_dense(x, z)
         return manifold.unpack(manifold.retr(x, h * xi))
 
@@ -613,7 +613,7 @@ class NaiveEuler(Integrator):
         dS = mT(U) @ zv
         dU = torch.linalg.solve(S, zv - U @ dS, left=False)  # (I - UU^T) F V S^{-1}
         dV = torch.linalg.solve(mT(S), ztu - V @ mT(dS), left=False)  # (I - VV^T) F^T U S^{-T}
-        x = FixedRankManifold._cat(U + h * dU, S + h * dS, V + h * dV)
+        x = cat_rows(U + h * dU, S + h * dS, V + h * dV)
         return manifold.unpack(manifold.projx(x))
 
 

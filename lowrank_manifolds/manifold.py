@@ -34,7 +34,7 @@ from geoopt import ManifoldTensor
 from geoopt.manifolds.base import Manifold
 from torch import Tensor
 
-from ._linalg import _core_dtype, lowrank_svd, mT, pinv_core, qr, qr_positive, safe_reciprocal, solve_core, svd_core, svdvals_core, tmm
+from ._linalg import cat_rows, core_dtype, lowrank_svd, mT, pinv_core, qr, qr_positive, safe_reciprocal, solve_core, svd_core, svdvals_core, tmm
 from .truncation import Truncation
 
 __all__ = ["FixedRankManifold"]
@@ -106,10 +106,19 @@ class FixedRankManifold(Manifold):
         costs a host synchronisation per parameter and step; ``True`` / ``False`` force it
         on or off everywhere. Tensors on the ``meta`` device are never checked.
 
+    Attributes
+    ----------
+    truncation : Truncation
+        The manifold's truncation policy (``tol``, ``relative``, ``min_rank`` within the
+        capacity; plain rank-``r`` truncation at fixed rank), applied by every retraction.
+    capacity : int
+        ``max_rank``, or ``rank`` at fixed rank.
+
     Notes
     -----
     Points and tangent vectors are packed tensors (see the module docstring);
-    :meth:`pack` and :meth:`unpack` convert. Leading batch axes broadcast.
+    :meth:`pack` and :meth:`unpack` convert (:meth:`pad` from fewer columns). Leading batch
+    axes broadcast.
     The Euclidean gradient that geoopt's optimizers hand to
     :meth:`egrad2rgrad` is autograd's gradient with respect to the packed
     factors ``[U; S; V]``.
@@ -148,11 +157,11 @@ class FixedRankManifold(Manifold):
                 raise ValueError(f"max_rank must be in [rank, min(m, n)] = [{rank}, {min(m, n)}], got {max_rank}")
             if isinstance(min_rank, bool) or not isinstance(min_rank, int) or not 1 <= min_rank <= rank:
                 raise ValueError(f"min_rank must be an int in [1, rank] = [1, {rank}], got {min_rank!r}")
-            self._truncation = Truncation(tol, relative=relative, min_rank=min_rank, max_rank=max_rank, pad=True)
+            self.truncation = Truncation(tol, relative=relative, min_rank=min_rank, max_rank=max_rank, pad=True)
         else:
             if tol != 0.0 or min_rank != 1:
                 raise ValueError("tol and min_rank set a rank-adaptive truncation: they need max_rank")
-            self._truncation = Truncation(0.0, min_rank=rank, max_rank=rank, pad=True)
+            self.truncation = Truncation(0.0, min_rank=rank, max_rank=rank, pad=True)
         self.capacity = max_rank if self.adaptive else rank
         if isinstance(retraction, str):
             if retraction not in _RETRACTIONS:
@@ -174,33 +183,36 @@ class FixedRankManifold(Manifold):
     def extra_repr(self) -> str:
         out = f"m={self.m}, n={self.n}, rank={self.rank}"
         if self.adaptive:
-            t = self._truncation
+            t = self.truncation
             out += f", max_rank={self.capacity}, tol={t.tol}, relative={t.relative}, min_rank={t.min_rank}"
         return out + f", retraction={self.retraction!r}"
 
     def active_rank(self, x: Tensor) -> Tensor:
         """The active rank of each point (number of non-zero columns of ``U``), as an
         int64 tensor of the batch shape; ``rank`` everywhere for a fixed-rank manifold."""
-        return self._active(self.unpack(x)[0]).sum(-1).to(torch.int64)
+        return self.active_mask(self.unpack(x)[0]).sum(-1).to(torch.int64)
 
-    def _active(self, u: Tensor) -> Tensor:
-        # Active columns of U have norm 1, inactive ones are exactly 0: 0.5 separates them.
+    def active_mask(self, u: Tensor) -> Tensor:
+        """The active columns of a basis ``U (..., m, R)`` of a point, as a 0/1 tensor
+        ``(..., R)`` of its dtype (no host sync): active columns have norm 1, inactive
+        ones are exactly zero, and 0.5 separates them."""
         return ((u * u).sum(-2) > 0.5).to(u.dtype)
 
     def _mask_tangent(self, u: Tensor, up: Tensor, mm: Tensor, vp: Tensor) -> Tensor:
         """Pack a tangent vector, zeroing its inactive parts (no-op at fixed rank)."""
         if self.adaptive:
-            mask = self._active(u)
+            mask = self.active_mask(u)
             up, vp = up * mask.unsqueeze(-2), vp * mask.unsqueeze(-2)
             mm = mm * mask.unsqueeze(-1) * mask.unsqueeze(-2)
-        return self._cat(up, mm, vp)
+        return cat_rows(up, mm, vp)
 
-    def _invertible_core(self, u: Tensor, s: Tensor) -> Tensor:
-        """S with ones on the inactive diagonal, so that solves act on the active block
-        (the pseudo-inverse of the padded S); S itself at fixed rank."""
+    def invertible_core(self, u: Tensor, s: Tensor) -> Tensor:
+        """``S`` with ones on the inactive diagonal (``U`` tells which columns are active),
+        so that a solve or pseudo-inverse acts on the active block as on the padded ``S``;
+        ``S`` itself at fixed rank."""
         if not self.adaptive:
             return s
-        return s + torch.diag_embed(1 - self._active(u))
+        return s + torch.diag_embed(1 - self.active_mask(u))
 
     # ------------------------------------------------------------------ checks
     def _check_packed(self, t: Tensor, name: str) -> None:
@@ -262,20 +274,20 @@ class FixedRankManifold(Manifold):
         u, s, v = self.unpack(x)
         if not bool(torch.isfinite(x).all()):
             return False, "the point contains non-finite values"
-        mask = self._active(u)
+        mask = self.active_mask(u)
         eye = torch.diag_embed(mask)
         if not torch.allclose(mT(u) @ u, eye, atol=atol, rtol=rtol):
             return False, "U does not have orthonormal (or exactly zero inactive) columns"
         if not torch.allclose(mT(v) @ v, eye, atol=atol, rtol=rtol):
             return False, "V does not have orthonormal (or exactly zero inactive) columns"
         if self.adaptive:
-            if not torch.equal(mask, self._active(v)):
+            if not torch.equal(mask, self.active_mask(v)):
                 return False, "U and V have different active columns"
             if not torch.equal(mask, torch.sort(mask, dim=-1, descending=True).values):
                 return False, "the active columns must come first"
             if not torch.equal(s, s * mask.unsqueeze(-1) * mask.unsqueeze(-2)):
                 return False, "S is not zero outside its active block"
-        sv = svdvals_core(self._invertible_core(u, s))
+        sv = svdvals_core(self.invertible_core(u, s))
         if not bool((sv.amin(-1) > 0).all()):
             return False, "the active block of S is singular: the rank is lower than the active rank"
         return True, None
@@ -301,11 +313,6 @@ class FixedRankManifold(Manifold):
         m, r = self.m, self.capacity
         return x[..., :m, :], x[..., m : m + r, :], x[..., m + r :, :]
 
-    @staticmethod
-    def _cat(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2], c.shape[:-2])
-        return torch.cat([t.expand(*shape, *t.shape[-2:]) for t in (a, b, c)], dim=-2)
-
     def pack(self, u: Tensor, s: Tensor, v: Tensor) -> Tensor:
         """Pack factors ``U (.., m, R)``, ``S (.., R, R)``, ``V (.., n, R)`` into one
         tensor ``[U; S; V]`` (batch axes broadcast; ``R`` the capacity).
@@ -324,7 +331,7 @@ class FixedRankManifold(Manifold):
         self._check_compatible(u, S=s, V=v)
         for t, name in ((u, "U"), (s, "S"), (v, "V")):
             self._check_finite(t, name)
-        return self._cat(u, s, v)
+        return cat_rows(u, s, v)
 
     # ------------------------------------------------------- dense conversions
     def to_dense(self, x: Tensor) -> Tensor:
@@ -359,21 +366,24 @@ class FixedRankManifold(Manifold):
         cutoff = max(self.m, self.n) * torch.finfo(a.dtype).eps * s[..., :1]
         if a.device.type != "meta" and not bool((s[..., -1:] > cutoff).all()):
             raise ValueError(f"the matrix has numerical rank < {r}: it has no rank-{r} approximation")
-        x = self._pad(u[..., :r], torch.diag_embed(s), mT(vh[..., :r, :]))
+        x = self.pad(u[..., :r], torch.diag_embed(s), mT(vh[..., :r, :]))
         return ManifoldTensor(x, manifold=self)
 
-    def _pad(self, u: Tensor, s: Tensor, v: Tensor) -> Tensor:
-        """Pack rank-``k`` factors into the capacity, with zero inactive columns."""
+    def pad(self, u: Tensor, s: Tensor, v: Tensor) -> Tensor:
+        """Pack factors of ``k <= R`` columns, ``U (.., m, k)``, ``S (.., k, k)``,
+        ``V (.., n, k)``, into the capacity ``R``: ``[U; S; V]`` with zero inactive columns
+        (a point of active rank ``k``, or a tangent vector ``(Up, M, Vp)``). Unlike
+        :meth:`pack` it checks nothing (no host sync): for factors an algorithm has made."""
         extra = self.capacity - u.shape[-1]
         pad = torch.nn.functional.pad
-        return self._cat(pad(u, (0, extra)), pad(s, (0, extra, 0, extra)), pad(v, (0, extra)))
+        return cat_rows(pad(u, (0, extra)), pad(s, (0, extra, 0, extra)), pad(v, (0, extra)))
 
     # ------------------------------------------------------------ projections
     @staticmethod
     def _proj_from_products(u: Tensor, v: Tensor, zv: Tensor, ztu: Tensor) -> Tensor:
         # P_X(Z) needs only Z V and Z^T U:  M = U^T Z V,  Up = Z V - U M,  Vp = Z^T U - V M^T.
         mm = mT(u) @ zv
-        return FixedRankManifold._cat(zv - tmm(u, mm), mm, ztu - tmm(v, mT(mm)))
+        return cat_rows(zv - tmm(u, mm), mm, ztu - tmm(v, mT(mm)))
 
     def _ambient_products(self, z: Ambient, u: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """``(Z V, Z^T U)`` for a dense ``Z`` or for ``Z = A B^T`` given as ``(A, B)``."""
@@ -468,7 +478,7 @@ class FixedRankManifold(Manifold):
         du, ds, dv = self.unpack(u)
         up = du - tmm(ux, mT(ux) @ du)  # (I - UU^T) dU
         vp = dv - tmm(vx, mT(vx) @ dv)  # (I - VV^T) dV
-        rtol = self._pinv_rtol(s.dtype)
+        rtol = self.pinv_rtol(s.dtype)
         if _is_diagonal(s):
             # Every retraction returns a diagonal S: then S^+ is a column scaling, which
             # saves a third of the flops (two m x r x r products of six).
@@ -478,8 +488,10 @@ class FixedRankManifold(Manifold):
         s_inv = pinv_core(s, rtol)
         return self._mask_tangent(ux, tmm(up, mT(s_inv)), ds, tmm(vp, s_inv))
 
-    def _pinv_rtol(self, dtype: torch.dtype) -> float:
-        """Relative threshold below which singular values of ``S`` count as zero."""
+    def pinv_rtol(self, dtype: torch.dtype) -> float:
+        """Relative threshold ``R eps`` below which singular values of ``S`` count as zero
+        (relative to the largest) in the pseudo-inverses of :meth:`egrad2rgrad` and the
+        optimizers."""
         return self.capacity * torch.finfo(dtype).eps
 
     def _checks_finite(self, t: Tensor) -> bool:
@@ -516,10 +528,10 @@ class FixedRankManifold(Manifold):
         g_vp, gt_up = self._ambient_products(egrad, up, vp)
         g_vp = g_vp - ux @ (mT(ux) @ g_vp)
         gt_up = gt_up - vx @ (mT(vx) @ gt_up)
-        s_inv = pinv_core(s, self._pinv_rtol(s.dtype))  # S^+ as in egrad2rgrad
+        s_inv = pinv_core(s, self.pinv_rtol(s.dtype))  # S^+ as in egrad2rgrad
         curv_u = tmm(g_vp, mT(s_inv))  # (I - UU^T) G Vp S^{-T}
         curv_v = tmm(gt_up, s_inv)  # (I - VV^T) G^T Up S^{-1}
-        return self._cat(h_up + curv_u, h_m, h_vp + curv_v)
+        return cat_rows(h_up + curv_u, h_m, h_vp + curv_v)
 
     # ----------------------------------------------------------- metric etc.
     def inner(self, x: Tensor, u: Tensor, v: Optional[Tensor] = None, *, keepdim: bool = False) -> Tensor:
@@ -588,7 +600,7 @@ class FixedRankManifold(Manifold):
         # (lowrank_svd), finite at a zero tangent vector and with the zero padding.
         uw, sig, vw = lowrank_svd(left, mid, right, r)
         # keep the rank (fixed, or chosen by tolerance within the capacity)
-        return self._cat(*self._truncation.from_svd(uw, sig, vw))
+        return cat_rows(*self.truncation.from_svd(uw, sig, vw))
 
     def _retr_integrator(self, x: Tensor, u: Tensor) -> Tensor:
         u = self.proju(x, u)
@@ -607,12 +619,12 @@ class FixedRankManifold(Manifold):
             factors = integrator.augmented_step(ux, s, vx, field, 1.0)
         else:
             factors = integrator.step(ux, s, vx, field, 1.0)
-        return self._cat(*self._truncation(*factors))
+        return cat_rows(*self.truncation(*factors))
 
     def _complete_basis(self, u: Tensor) -> Tensor:
         """Fill the inactive (zero) columns with an orthonormal completion."""
         q, _ = qr_positive(u)
-        return u + q * (1 - self._active(u)).unsqueeze(-2)
+        return u + q * (1 - self.active_mask(u)).unsqueeze(-2)
 
     def _retr_orthographic(self, x: Tensor, u: Tensor) -> Tensor:
         u = self.proju(x, u)
@@ -624,7 +636,7 @@ class FixedRankManifold(Manifold):
         qb, rb = qr(vx @ mT(sm) + vp)  # (X + xi)^T U
         core = ra @ solve_core(sm, mT(rb))  # the r x r solve in float64, as the core SVD
         p, sig, qh = svd_core(core)
-        return self._cat(qa @ p, torch.diag_embed(sig[..., :r]), qb @ mT(qh))
+        return cat_rows(qa @ p, torch.diag_embed(sig[..., :r]), qb @ mT(qh))
 
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         """The retraction :meth:`retr`: the geodesics of this manifold have no closed
@@ -674,11 +686,11 @@ class FixedRankManifold(Manifold):
         qv, rv = qr_positive(vx)
         core = ru @ s @ mT(rv)
         if not self.adaptive:
-            return self._cat(qu, core, qv)
+            return cat_rows(qu, core, qv)
         p, sig, qh = svd_core(core)
-        work = _core_dtype(core)
-        thr = self._pinv_rtol(s.dtype) * sig[..., :1]
-        rank = (sig > thr).sum(-1).clamp(min=self._truncation.min_rank)
+        work = core_dtype(core)
+        thr = self.pinv_rtol(s.dtype) * sig[..., :1]
+        rank = (sig > thr).sum(-1).clamp(min=self.truncation.min_rank)
         mask = (torch.arange(self.capacity, device=s.device) < rank.unsqueeze(-1)).to(s.dtype)
         col, row = mask.unsqueeze(-2), mask.unsqueeze(-1)
         pk, qk = p * col, mT(qh) * col  # kept singular vectors, zero columns beyond the rank
@@ -691,7 +703,7 @@ class FixedRankManifold(Manifold):
 
         g, h = regauge(pk), regauge(qk)
         s1 = (mT(g) @ torch.diag_embed(sig * mask) @ h) * row * col
-        return self._cat(tmm(qu, pk @ g) * col, s1, tmm(qv, qk @ h) * col)
+        return cat_rows(tmm(qu, pk @ g) * col, s1, tmm(qv, qk @ h) * col)
 
     def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         r"""Vector transport by projection: :math:`P_Y(\xi)` for :math:`\xi` tangent at X.
@@ -733,7 +745,7 @@ class FixedRankManifold(Manifold):
         v, _ = qr_positive(torch.randn(*batch, self.n, self.rank, **opts))
         s = 1 + torch.randn(*batch, self.rank, **opts).abs()
         s = torch.sort(s, dim=-1, descending=True).values
-        return ManifoldTensor(self._pad(u, torch.diag_embed(s), v), manifold=self)
+        return ManifoldTensor(self.pad(u, torch.diag_embed(s), v), manifold=self)
 
     def random_tangent(self, x: Tensor) -> Tensor:
         """A random tangent vector at ``x`` (Gaussian ``Up``, ``M``, ``Vp`` projected)."""

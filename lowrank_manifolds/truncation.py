@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._linalg import _core_dtype, mT, svd_core, tmm
+from ._linalg import core_dtype, mT, svd_core, tmm
 
 Factors = Tuple[Tensor, Tensor, Tensor]
 
@@ -45,7 +45,7 @@ def truncation_rank(
     tol = _check_tol(tol)
     _check_rank_bounds(min_rank, max_rank)
     k = s.shape[-1]
-    s = s.to(_core_dtype(s))  # the sums of squares in float64: no overflow or underflow of s^2 in float32
+    s = s.to(core_dtype(s))  # the sums of squares in float64: no overflow or underflow of s^2 in float32
     tail = torch.flip(torch.cumsum(torch.flip(s * s, (-1,)), -1), (-1,)).sqrt()  # tail[j] = ||s[j:]||
     theta = tol * tail[..., :1] if relative else torch.full_like(tail[..., :1], tol)
     rank = (tail > theta).sum(-1)  # tail is non-increasing: {j : tail_j > theta} = {0, ..., r1 - 1}
@@ -54,7 +54,7 @@ def truncation_rank(
 
 
 class Truncation:
-    r"""Rank truncation policy for rank-adaptive integrators (DESIGN section 5).
+    r"""Rank truncation policy for rank-adaptive integrators (docs/integrators.md).
 
     Called on an augmented result ``(U, S, V)`` (``S`` a general ``k_u x k_v`` core),
     it takes the SVD :math:`S = P \operatorname{diag}(s) Q^\top`, chooses the rank

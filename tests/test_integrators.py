@@ -1,4 +1,4 @@
-"""Facts of DESIGN.md section 4-5 about the DLRA integrators, against dense float64 references.
+"""Facts about the DLRA integrators and the truncation (docs/integrators.md), against dense float64 references.
 
 The references build m x n matrices on purpose (matrix_exp paths, dense projectors,
 dense truncated SVDs) and share no code with the integrators.

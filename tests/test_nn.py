@@ -736,9 +736,9 @@ def test_capacity_from_dense_and_convert():
     low = LowRankLinear.from_dense(lin, tol=0.5, max_rank=12)
     r_ref = int(truncation_rank(torch.linalg.svdvals(lin.weight.detach()), 0.5))
     assert low.capacity == 12 and low.active_rank == min(r_ref, 12)
-    assert low.manifold._truncation.tol == 0.5  # tol is also the training tolerance by default
+    assert low.manifold.truncation.tol == 0.5  # tol is also the training tolerance by default
     low2 = LowRankLinear.from_dense(lin, rank=3, max_rank=8, rank_tol=1e-4)
-    assert low2.active_rank == 3 and low2.manifold._truncation.tol == 1e-4
+    assert low2.active_rank == 3 and low2.manifold.truncation.tol == 1e-4
     full = LowRankLinear.from_dense(lin, max_rank=20)
     torch.testing.assert_close(full.dense_weight(), lin.weight, atol=1e-12, rtol=0)
     conv = nn.Conv2d(4, 6, 3, dtype=DT)
@@ -748,7 +748,7 @@ def test_capacity_from_dense_and_convert():
     convert_to_low_rank(model, rank=4, max_rank=8, rank_tol=1e-3)
     for i in (0, 2):
         assert model[i].capacity == 8 and model[i].active_rank == 4
-        assert model[i].manifold._truncation.tol == 1e-3
+        assert model[i].manifold.truncation.tol == 1e-3
     with pytest.raises(ValueError, match="max_rank"):
         LowRankLinear(10, 8, 3, tol=0.1)  # tol without a capacity
     with pytest.raises(ValueError, match="max_rank"):

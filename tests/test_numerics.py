@@ -79,7 +79,7 @@ def test_float32_retraction_and_projx_never_use_a_float32_svd(nan_float32_svd, k
     x64 = make_point(mf64, 3, spectrum="graded", smallest=1e-3)
     xi64 = make_tangent(mf64, x64, 4, scale=0.3)
     if mf.adaptive:
-        x64, xi64 = mf._pad(*mf64.unpack(x64)), mf._pad(*mf64.unpack(xi64))
+        x64, xi64 = mf.pad(*mf64.unpack(x64)), mf.pad(*mf64.unpack(xi64))
     y = mf.retr(x64.float(), xi64.float())
     assert torch.isfinite(y).all() and mf.check_point_on_manifold(y)
     # dense float64 reference: the truncated SVD of X + xi, at the rank the tolerance keeps
@@ -225,7 +225,7 @@ def test_projx_returns_the_input_matrix_as_a_point(m, n, data, seed, kind, adapt
     uy, sy, vy = mf.unpack(y)
     if adaptive:
         assert int(mf.active_rank(y)) == k
-    eye = torch.diag_embed(mf._active(uy))
+    eye = torch.diag_embed(mf.active_mask(uy))
     assert (uy.T @ uy - eye).abs().max() < 1e-12 and (vy.T @ vy - eye).abs().max() < 1e-12
     assert (mf.to_dense(mf.projx(y)) - mf.to_dense(y)).abs().max() <= 1e-10 * scale  # idempotent
     if torch.linalg.svdvals(a)[min(k, len(torch.linalg.svdvals(a))) - 1] > 1e-8 * scale:
@@ -244,7 +244,7 @@ def test_projx_leaves_points_unchanged(m, n, data, seed, spectrum, diagonal):
     rank = data.draw(st.integers(1, cap))
     mf = FixedRankManifold(m, n, rank, max_rank=cap, tol=0.5) if data.draw(st.booleans()) else \
         FixedRankManifold(m, n, rank)
-    x = mf._pad(*FixedRankManifold(m, n, rank).unpack(
+    x = mf.pad(*FixedRankManifold(m, n, rank).unpack(
         make_point(FixedRankManifold(m, n, rank), seed, spectrum=spectrum, smallest=1e-6, diagonal=diagonal)))
     assert mf.check_point_on_manifold(x)
     y = mf.projx(x)
@@ -271,7 +271,7 @@ def _point_with_zero_singular_value(mf, seed, dtype=F64):
     u, s, v = FixedRankManifold(mf.m, mf.n, mf.rank).unpack(x)
     s = s.clone()
     s[-1, -1] = 0.0
-    return mf._pad(u, s, v)
+    return mf.pad(u, s, v)
 
 
 @pytest.mark.parametrize("diagonal", [True, False])
@@ -348,7 +348,7 @@ def test_gradient_through_every_retraction_is_finite(name, kwargs, zero):
     base = FixedRankManifold(m, n, r)
     x0 = make_point(base, 11)
     xi = torch.zeros_like(x0) if zero else make_tangent(base, x0, 12, scale=0.3)
-    x, u = (mf._pad(*base.unpack(t)) for t in (x0, xi))
+    x, u = (mf.pad(*base.unpack(t)) for t in (x0, xi))
     x.requires_grad_(True)
     u.requires_grad_(True)
     w = randn((m, n), 13)
@@ -365,14 +365,14 @@ def test_gradient_of_the_pullback_at_zero_is_the_dense_gradient(kwargs):
     mf = FixedRankManifold(m, n, r, **kwargs)
     base = FixedRankManifold(m, n, r)
     x0 = make_point(base, 21)
-    x = mf._pad(*base.unpack(x0))
+    x = mf.pad(*base.unpack(x0))
     u = torch.zeros_like(x, requires_grad=True)
     target = randn((m, n), 22)
     loss = 0.5 * ((mf.to_dense(mf.retr(x, u)) - target) ** 2).sum()
     (gu,) = torch.autograd.grad(loss, u)
     uu, _, vv = base.unpack(x0)
     g = dense_point(x0, m, r) - target
-    ref = mf._pad(g @ vv, uu.T @ g @ vv, g.T @ uu)
+    ref = mf.pad(g @ vv, uu.T @ g @ vv, g.T @ uu)
     assert (gu - ref).abs().max() < 1e-10
 
 
@@ -383,7 +383,7 @@ def test_gradient_through_the_retraction_matches_finite_differences(kwargs):
     mf = FixedRankManifold(m, n, r, **kwargs)
     base = FixedRankManifold(m, n, r)
     x0 = make_point(base, 31, spectrum="graded", smallest=1e-2)
-    x, u = mf._pad(*base.unpack(x0)), mf._pad(*base.unpack(make_tangent(base, x0, 32, scale=0.5)))
+    x, u = mf.pad(*base.unpack(x0)), mf.pad(*base.unpack(make_tangent(base, x0, 32, scale=0.5)))
     w = randn((m, n), 33)
 
     def f(x, u):
@@ -392,7 +392,7 @@ def test_gradient_through_the_retraction_matches_finite_differences(kwargs):
     xr, ur = x.clone().requires_grad_(True), u.clone().requires_grad_(True)
     gx, gu = torch.autograd.grad(f(xr, ur), (xr, ur))
     for seed, (t, g) in enumerate([(x, gx), (u, gu)]):
-        d = mf._pad(*base.unpack(randn(x0.shape, 40 + seed)))
+        d = mf.pad(*base.unpack(randn(x0.shape, 40 + seed)))
         h = 1e-6
         if t is x:
             fd = (f(x + h * d, u) - f(x - h * d, u)) / (2 * h)

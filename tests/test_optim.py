@@ -641,3 +641,23 @@ def test_geometric_adam_default_entrywise_plateaus_on_fully_observed_completion(
     a, mask, mf, w = completion_problem(full=True)
     errs = completion_errors(GeometricAdam([w], lr=3e-3), a, mask, mf, w, 1500)
     assert 1e-3 < errs[-1] < 1e-1, errs[-1]
+
+
+@pytest.mark.parametrize("cls", [ABCPSI, AugmentedBUG, ParallelBUG])
+def test_dlrt_takes_integrator_instances_as_their_names(cls):
+    name = {ABCPSI: "abc-psi", AugmentedBUG: "augmented-bug", ParallelBUG: "parallel-bug"}[cls]
+    _, x, y = planted_problem()
+    layers = [make_layer(), make_layer()]
+    opts = [DLRT(layers[0].parameters(), lr=0.1, integrator=name, rank_tol=0.1, model=layers[0]),
+            DLRT(layers[1].parameters(), lr=0.1, integrator=cls(), rank_tol=0.1, model=layers[1])]
+    assert opts[1].param_groups[0]["integrator"] == name  # stored by name: state_dict stays plain
+    for layer, opt in zip(layers, opts):
+        for _ in range(3):
+            opt.zero_grad()
+            loss_fn(layer, x, y).backward()
+            opt.step()
+    assert torch.equal(layers[0].weight, layers[1].weight)
+    with pytest.raises(ValueError, match="without a truncation"):
+        DLRT(make_layer().parameters(), lr=0.1, integrator=cls(truncation=Truncation(0.1, max_rank=CAP)))
+    with pytest.raises(TypeError, match="integrator must be"):
+        DLRT(make_layer().parameters(), lr=0.1, integrator=object())

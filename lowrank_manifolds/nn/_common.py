@@ -141,7 +141,7 @@ def make_manifold(m: int, n: int, rank: int, max_rank, tol, retraction="metric")
 def manifold_repr(mf: FixedRankManifold) -> str:
     if not mf.adaptive:
         return f"rank={mf.rank}"
-    return f"rank={mf.rank}, max_rank={mf.capacity}, tol={mf._truncation.tol}"
+    return f"rank={mf.rank}, max_rank={mf.capacity}, tol={mf.truncation.tol}"
 
 
 def active_rank_int(mf: FixedRankManifold, x: Tensor) -> int:

@@ -99,7 +99,7 @@ class LowRankAdapterLinear(ManifoldModule):
             u = haar_stiefel(m, rank, **factory)
             v = haar_stiefel(n, rank, **factory)
             s = (self.init_scale * ref) * torch.eye(rank, **factory)
-            point = manifold._pad(u, s, v)
+            point = manifold.pad(u, s, v)
             if exact_init:
                 w0.sub_((u @ s) @ mT(v))
         self.delta = geoopt.ManifoldParameter(geoopt.ManifoldTensor(point, manifold=manifold), manifold=manifold)

@@ -108,7 +108,7 @@ class _LowRankWeight(ManifoldModule):
             u = haar_stiefel(m, r, **factory)
             v = haar_stiefel(n, r, **factory)
             s = math.sqrt(m / (3.0 * r)) * torch.eye(r, **factory)
-            self.weight.copy_(self.manifold._pad(u, s, v))  # active rank r, zero padding
+            self.weight.copy_(self.manifold.pad(u, s, v))  # active rank r, zero padding
             if getattr(self, "bias", None) is not None:
                 bound = 1.0 / math.sqrt(fan_in)
                 nn.init.uniform_(self.bias, -bound, bound)
@@ -125,7 +125,7 @@ class _LowRankWeight(ManifoldModule):
     def _set_factors(self, u: Tensor, s: Tensor, v: Tensor) -> None:
         """Set the weight from rank-``k`` factors (``k <= capacity``), zero padded."""
         with torch.no_grad():
-            self.weight.copy_(self.manifold._pad(u, s, v))
+            self.weight.copy_(self.manifold.pad(u, s, v))
 
     def _weight_repr(self) -> str:
         return manifold_repr(self.manifold)
@@ -454,6 +454,26 @@ class LowRankConv2d(_LowRankWeight):
         """Draw a fresh weight and bias (see :class:`LowRankLinear`), fan-in ``in*kh*kw``."""
         kh, kw = self.kernel_size
         self._reset_factors(self.in_channels * kh * kw)
+
+    def input_columns(self, x: Tensor) -> Tensor:
+        r"""``unfold(x)`` of an input, as ``(c_i k_h k_w) x (N L)`` (``L`` output positions):
+        the columns whose products with the matricised kernel are the convolution, so that
+        the kernel's gradient is :math:`dY B^\top` with ``dY`` as ``out x (N L)`` (what
+        :class:`~lowrank_manifolds.optim.GradientRecorder` records). Padding as in
+        :meth:`forward` (an explicit ``F.pad`` for non-zero padding modes and for
+        ``"same"``, which may be asymmetric)."""
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._explicit_padding(), mode=self.padding_mode)
+            padding = 0
+        elif isinstance(self.padding, str):
+            x = F.pad(x, self._explicit_padding())
+            padding = 0
+        else:
+            padding = self.padding
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=padding, stride=self.stride)
+        return cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (N, n, L) -> (n, N L)
 
     def _explicit_padding(self) -> Tuple[int, int, int, int]:
         """``F.pad`` amounts (left, right, top, bottom) for a non-zero padding mode."""

@@ -52,7 +52,7 @@ def is_lowrank_parameter(p) -> bool:
 
 def active_mask(u: Tensor, manifold: FixedRankManifold) -> Tensor:
     """Boolean ``(..., R)``: the active (leading, non-zero) columns of ``U``. No host sync."""
-    return manifold._active(u) > 0
+    return manifold.active_mask(u) > 0
 
 
 def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
@@ -65,7 +65,7 @@ def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
     finite step (its ``dS`` part can grow it back) instead of a singular solve."""
     u, s, v = manifold.unpack(p)
     du, ds, dv = manifold.unpack(grad)
-    s_inv = pinv_core(manifold._invertible_core(u, s), manifold._pinv_rtol(s.dtype))
+    s_inv = pinv_core(manifold.invertible_core(u, s), manifold.pinv_rtol(s.dtype))
     gv, gtu = du @ mT(s_inv), dv @ s_inv  # dU S^{+T}, dV S^{+}
     return u, s, v, active_mask(u, manifold), ds, gv, gtu
 
@@ -277,4 +277,4 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _write(p: Tensor, u1: Tensor, s1: Tensor, v1: Tensor) -> None:
-        p.copy_(p.manifold._cat(u1, s1, v1))
+        p.copy_(p.manifold.pad(u1, s1, v1))

@@ -36,12 +36,36 @@ from .recorder import GradientRecorder
 
 __all__ = ["DLRT", "INTEGRATORS"]
 
-#: Integrator names accepted by :class:`DLRT` (``integrator=``).
+#: Integrator names accepted by :class:`DLRT` (``integrator=``, also as instances).
 INTEGRATORS = {
     "abc-psi": ABCPSI,
     "augmented-bug": AugmentedBUG,
     "parallel-bug": ParallelBUG,
 }
+# One stateless instance per integrator, shared by every group and step (DLRT applies the
+# weights' truncation itself, so the instances hold none).
+_INSTANCES = {name: cls() for name, cls in INTEGRATORS.items()}
+
+
+def _integrator_name(integrator) -> str:
+    """The registry name of ``integrator``: a name of :data:`INTEGRATORS`, or an instance of
+    one of its classes without a truncation of its own (DLRT truncates by the group)."""
+    if isinstance(integrator, str):
+        if integrator not in INTEGRATORS:
+            raise ValueError(f"integrator must be one of {sorted(INTEGRATORS)} or an instance, got {integrator!r}")
+        return integrator
+    for name, cls in INTEGRATORS.items():
+        if type(integrator) is cls:
+            if integrator.truncation is not None:
+                raise ValueError(
+                    f"DLRT truncates by its groups' rank_tol, rank_relative and min_rank; pass {cls.__name__}() "
+                    f"without a truncation (got {integrator!r})"
+                )
+            return name
+    raise TypeError(
+        f"integrator must be one of {sorted(INTEGRATORS)} or an instance of "
+        f"{', '.join(c.__name__ for c in INTEGRATORS.values())}, got {type(integrator).__name__}"
+    )
 
 
 class DLRT(LowRankOptimizer):
@@ -133,7 +157,9 @@ class DLRT(LowRankOptimizer):
     params : iterable
     lr : float
         Step size ``h`` of the integrator (and learning rate of ordinary parameters).
-    integrator : {"abc-psi", "augmented-bug", "parallel-bug"}
+    integrator : {"abc-psi", "augmented-bug", "parallel-bug"} or an instance
+        A name of :data:`INTEGRATORS` or an instance of its classes (``ABCPSI()``, ...,
+        without a truncation: DLRT applies the group's); stored in the group as the name.
     rank_tol, rank_relative, min_rank
         Truncation (as :class:`GeometricSGD`); ``rank_tol=None`` keeps the active rank.
     weight_decay : float
@@ -153,7 +179,7 @@ class DLRT(LowRankOptimizer):
         self,
         params,
         lr: float,
-        integrator: str = "abc-psi",
+        integrator="abc-psi",
         *,
         rank_tol: Optional[float] = None,
         rank_relative: bool = True,
@@ -209,8 +235,7 @@ class DLRT(LowRankOptimizer):
 
     def _check_group(self, group):
         super()._check_group(group)
-        if group["integrator"] not in INTEGRATORS:
-            raise ValueError(f"integrator must be one of {sorted(INTEGRATORS)}, got {group['integrator']!r}")
+        group["integrator"] = _integrator_name(group["integrator"])
         if group["euclidean"] not in ("sgd", "adam", "adamw"):
             raise ValueError(f"euclidean must be 'sgd', 'adam' or 'adamw', got {group['euclidean']!r}")
         check_unit(group["momentum"], "momentum")
@@ -285,7 +310,7 @@ class DLRT(LowRankOptimizer):
         du, ds, dv = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(grad)))
         a, b = pair
         # the tangent part from p.grad
-        s_inv = pinv_core(s, manifold._pinv_rtol(s.dtype))  # as egrad2rgrad: a zero s_i freezes nothing
+        s_inv = pinv_core(s, manifold.pinv_rtol(s.dtype))  # as egrad2rgrad: a zero s_i freezes nothing
         gv, gtu = du @ mT(s_inv), dv @ s_inv  # G V = dU S^{+T}, G^T U = dV S^{+}
         up, vp = gv - u @ ds, gtu - v @ mT(ds)
         # The K-step's new directions: Q_u, orthonormal and orthogonal to U (the last columns of
@@ -368,7 +393,7 @@ class DLRT(LowRankOptimizer):
         mask = active_mask(u, manifold)
         r = self._active_width(p)
         field = self.field_for(p, grad, group["weight_decay"], rank=r)
-        integrator = INTEGRATORS[group["integrator"]]()
+        integrator = _INSTANCES[group["integrator"]]
         uh, sh, vh = integrator.augmented_step(u[..., :r], s[..., :r, :r], v[..., :r], field, group["lr"])
         u1, s1, v1, _, _ = truncate(uh, sh, vh, manifold.capacity, rank_policy(group, mask, manifold))
         self._write(p, u1, s1, v1)

@@ -33,25 +33,6 @@ def _recordable(module: nn.Module) -> Optional[Tensor]:
     return None
 
 
-def _conv_columns(module, x: Tensor) -> Tensor:
-    r"""``unfold(x)`` of a :class:`~lowrank_manifolds.nn.LowRankConv2d` input, as
-    ``(c_i k_h k_w) x (N L)`` (``L`` output positions): the columns whose products with
-    the matricised kernel are the convolution. Padding as the layer's forward (explicit
-    ``F.pad`` for non-zero padding modes and for ``"same"``, which may be asymmetric)."""
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    if module.padding_mode != "zeros":
-        x = nn.functional.pad(x, module._explicit_padding(), mode=module.padding_mode)
-        padding = 0
-    elif isinstance(module.padding, str):
-        x = nn.functional.pad(x, module._explicit_padding())
-        padding = 0
-    else:
-        padding = module.padding
-    cols = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    return cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (N, n, L) -> (n, N L)
-
-
 class _RecordHook:
     """Forward hook of a :class:`GradientRecorder` on one module. It records only for the
     module it was registered on (held weakly) and copies as an inert hook, so that a
@@ -194,7 +175,7 @@ class GradientRecorder:
                 if dy.dim() == 3:
                     dy = dy.unsqueeze(0)
                 a_parts.append(dy.transpose(0, 1).reshape(dy.shape[1], -1))  # (N, out, H', W') -> (out, N L)
-                b_parts.append(_conv_columns(conv, x))
+                b_parts.append(conv.input_columns(x))
         a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, -1)
         b = b_parts[0] if len(b_parts) == 1 else torch.cat(b_parts, -1)
         return a.to(param.dtype), b.to(param.dtype)

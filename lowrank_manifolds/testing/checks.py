@@ -82,7 +82,7 @@ def check_retraction(manifold: FixedRankManifold, *, seed: int = 0) -> CheckRepo
     # landing on the manifold.
     for k, spectrum in enumerate(("random", "graded", "repeated")):
         x = make_point(fixed, seed + k, spectrum=spectrum, smallest=1e-2)
-        x = manifold._pad(*fixed.unpack(x))
+        x = manifold.pad(*fixed.unpack(x))
         xi = make_tangent(manifold, x, seed + 10 + k)
         xi = xi / manifold.norm(x, xi)
         scale = float(manifold.to_dense(x).norm())
@@ -96,7 +96,7 @@ def check_retraction(manifold: FixedRankManifold, *, seed: int = 0) -> CheckRepo
         slopes.append(math.inf if max(errs) <= 1e-13 * scale else observed_order(ts, errs))
     for k, spectrum in enumerate(("graded", "tiny")):
         x = make_point(fixed, seed + 5 + k, spectrum=spectrum, smallest=1e-12)
-        x = manifold._pad(*fixed.unpack(x))  # padded to the capacity, if any
+        x = manifold.pad(*fixed.unpack(x))  # padded to the capacity, if any
         y = manifold.retr(x, make_tangent(manifold, x, seed + 20 + k))
         ok, _ = manifold.check_point_on_manifold(y, explain=True, atol=1e-10, rtol=1e-10)
         worst_point = max(worst_point, 0.0 if ok and torch.isfinite(y).all() else 1.0)
