@@ -111,9 +111,22 @@ class Truncation:
         )
 
     def __call__(self, U: Tensor, S: Tensor, V: Tensor) -> Factors:
+        p_r, s1, q_r = self.decompose(S)
+        return tmm(U, p_r), s1, tmm(V, q_r)
+
+    def decompose(self, S: Tensor, rank: Optional[Tensor] = None) -> Factors:
+        r"""The truncation of a core alone: ``(P_r, S_1, Q_r)`` with :math:`S = P
+        \operatorname{diag}(s) Q^\top`, ``P_r``, ``Q_r`` the kept singular vectors (zero
+        beyond each batch element's rank, padded to the output width) and
+        :math:`S_1 = \operatorname{diag}(s_{kept})`. Then :math:`(U P_r, S_1, V Q_r)` is the
+        truncation of :math:`(U, S, V)`, and :math:`P_r^\top m\, Q_r` carries a coefficient
+        matrix ``m`` in the bases ``U``, ``V`` (an optimizer's moments) to the new bases.
+
+        ``rank`` (int64, the batch shape), if given, replaces the policy's rank decision
+        (clipped to ``max_rank``), e.g. to keep a current active rank."""
         p, s, qh = svd_core(S)
-        keep, width, rank = self._widths(s)
-        return self._finish(tmm(U, p[..., :keep]), s, tmm(V, mT(qh[..., :keep, :])), keep, width, rank)
+        keep, width, rank = self._widths(s, rank)
+        return self._finish(p[..., :keep], s, mT(qh[..., :keep, :]), keep, width, rank)
 
     def from_svd(self, Uw: Tensor, s: Tensor, Vw: Tensor) -> Factors:
         """The same truncation from an SVD already taken: ``Uw``, ``Vw`` the leading
@@ -122,14 +135,17 @@ class Truncation:
         keep, width, rank = self._widths(s)
         return self._finish(Uw[..., :keep], s, Vw[..., :keep], keep, width, rank)
 
-    def _widths(self, s: Tensor):
+    def _widths(self, s: Tensor, rank: Optional[Tensor] = None):
         q = s.shape[-1]
-        if self.min_rank == self.max_rank:
+        if rank is None and self.min_rank == self.max_rank:
             # Fixed rank: min(rank, q) for every batch element, whatever s is, so neither the
             # rank nor the masks need computing (a third of the calls at small sizes).
             keep = min(self.max_rank, q)
             return keep, (self.max_rank if self.pad else keep), None
-        rank = self.rank(s)
+        if rank is None:
+            rank = self.rank(s)
+        elif self.max_rank is not None:
+            rank = rank.clamp(max=self.max_rank)
         width = self.max_rank if self.pad else int(rank.max())  # the trimmed width: a host sync
         return min(width, q), width, rank
 

@@ -254,7 +254,7 @@ def test_truncation_transport_is_projection_onto_new_bases():
     vh, _ = torch.linalg.qr(torch.randn(N, k, generator=g, dtype=F64))
     sh = torch.randn(k, k, generator=g, dtype=F64)
     mom = torch.randn(k, k, generator=g, dtype=F64)
-    u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, cap, lambda s: torch.tensor(3))
+    u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, Truncation(0.0, max_rank=cap, pad=True), torch.tensor(3))
     assert torch.all(u1[:, 3:] == 0) and torch.all(s1[3:] == 0)
     dense = uh @ mom @ vh.T
     moved = u1 @ (p_r.T @ mom @ q_r) @ v1.T

@@ -26,15 +26,16 @@ autograd's gradient on the packed factors is :math:`dU = G V S^\top`,
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
 import geoopt
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._linalg import mT, pinv_core, svd_core
-from ..integrators import truncation_rank
+from .._linalg import mT, pinv_core
+from ..truncation import Truncation
 from ..manifold import FixedRankManifold
 from ._faults import check_finite_grads, check_finite_state_dict
 from .recorder import GradientRecorder
@@ -70,40 +71,31 @@ def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
     return u, s, v, active_mask(u, manifold), ds, gv, gtu
 
 
-def truncate(uh: Tensor, sh: Tensor, vh: Tensor, cap: int, rank_of) -> Tuple[Tensor, ...]:
-    r"""SVD truncation of the augmented core to at most ``cap`` columns, zero padded.
-
-    ``rank_of(s)`` gives the new rank (int64 tensor). Returns
-    ``(U1, S1, V1, P_r, Q_r)`` with ``P_r``, ``Q_r`` the kept singular vectors (zero
-    beyond the rank), so that coefficient states transport as ``P_r^T m Q_r``.
-    """
-    pp, s, qh = svd_core(sh)
-    rank = rank_of(s).clamp(max=cap)
-    keep = min(cap, s.shape[-1])
-    mask = (torch.arange(keep, device=s.device) < rank.unsqueeze(-1)).to(s.dtype)
-    p_r = pp[..., :keep] * mask.unsqueeze(-2)
-    q_r = mT(qh[..., :keep, :]) * mask.unsqueeze(-2)
-    s1 = s[..., :keep] * mask
-    if keep < cap:
-        extra = cap - keep
-        p_r = nn.functional.pad(p_r, (0, extra))
-        q_r = nn.functional.pad(q_r, (0, extra))
-        s1 = nn.functional.pad(s1, (0, extra))
-    return uh @ p_r, torch.diag_embed(s1), vh @ q_r, p_r, q_r
+def truncate(uh: Tensor, sh: Tensor, vh: Tensor, policy: Truncation, rank: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    r"""Truncation of an augmented result by ``policy`` (:meth:`Truncation.decompose`; ``rank``
+    overrides its rank decision). Returns ``(U1, S1, V1, P_r, Q_r)`` with ``P_r``, ``Q_r``
+    the kept singular vectors (zero beyond the rank), so that coefficient states transport
+    as ``P_r^T m Q_r``."""
+    p_r, s1, q_r = policy.decompose(sh, rank)
+    return uh @ p_r, s1, vh @ q_r, p_r, q_r
 
 
-def rank_policy(group: dict, mask: Tensor, manifold: FixedRankManifold):
-    """``rank_of(s)`` for a group: the manifold's rank (fixed-rank weights), the current
-    active rank (``rank_tol=None``) or by the group's tolerance within the capacity."""
+@functools.lru_cache(maxsize=None)
+def _tolerance_policy(tol: float, relative: bool, min_rank: int, capacity: int) -> Truncation:
+    # one (immutable) policy per setting, shared by the groups and steps that use it
+    return Truncation(tol, relative=relative, min_rank=min(min_rank, capacity), max_rank=capacity, pad=True)
+
+
+def rank_policy(group: dict, mask: Tensor, manifold: FixedRankManifold) -> Tuple[Truncation, Optional[Tensor]]:
+    """``(policy, rank)`` for :func:`truncate` in a group: the manifold's own truncation at
+    fixed rank; with a capacity the group's ``rank_tol`` (``rank_relative``, ``min_rank``)
+    within it, or, with ``rank_tol=None``, the current active rank kept."""
     tol = group["rank_tol"]
     if not manifold.adaptive:
-        rank = torch.full(mask.shape[:-1], manifold.rank, dtype=torch.int64, device=mask.device)
-        return lambda s: rank
+        return manifold.truncation, None
     if tol is None:
-        current = mask.sum(-1)
-        return lambda s: current
-    min_rank, relative = min(group["min_rank"], manifold.capacity), group["rank_relative"]
-    return lambda s: truncation_rank(s, tol, relative=relative, min_rank=min_rank, max_rank=manifold.capacity)
+        return manifold.truncation, mask.sum(-1)
+    return _tolerance_policy(float(tol), bool(group["rank_relative"]), int(group["min_rank"]), manifold.capacity), None
 
 
 # ---------------------------------------------------------------------------

@@ -395,5 +395,5 @@ class DLRT(LowRankOptimizer):
         field = self.field_for(p, grad, group["weight_decay"], rank=r)
         integrator = _INSTANCES[group["integrator"]]
         uh, sh, vh = integrator.augmented_step(u[..., :r], s[..., :r, :r], v[..., :r], field, group["lr"])
-        u1, s1, v1, _, _ = truncate(uh, sh, vh, manifold.capacity, rank_policy(group, mask, manifold))
+        u1, s1, v1, _, _ = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))
         self._write(p, u1, s1, v1)

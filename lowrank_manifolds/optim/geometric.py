@@ -226,7 +226,7 @@ class GeometricSGD(LowRankOptimizer):
         else:
             direction = gh
         sh = s0 - group["lr"] * direction
-        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, manifold.capacity, rank_policy(group, mask, manifold))
+        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))
         if mom:
             state["momentum_buffer"] = mT(p_r) @ bh @ q_r
         self._write(p, u1, s1, v1)
@@ -376,7 +376,7 @@ class GeometricAdam(LowRankOptimizer):
         # Exactly zero outside the tangent support (also for eps = 0, where 0 / 0 would be NaN).
         direction = torch.where(core | up | vp, m1 / denom, 0.0)
         sh = s0 - (lr / (1 - b1**step)) * direction
-        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, manifold.capacity, rank_policy(group, mask, manifold))
+        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))
         state["exp_avg"] = mT(p_r) @ m1 @ q_r
         # m2_transport (class docstring): the squared transport cannot cancel; the paper's
         # square-root transport can, so it is floored by the squared one.
