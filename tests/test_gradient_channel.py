@@ -45,10 +45,11 @@ def dense_reference(layer, x, y, scale, name, h, tol):
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
-@pytest.mark.parametrize("shape", [(9, 7, 2, 5), (12, 3, 2, 2)], ids=["wide", "m<2r"])
+@pytest.mark.parametrize("shape", [(9, 7, 2, 5), (12, 3, 2, 2), (12, 3, 3, 3)], ids=["wide", "m<2r", "m=r"])
 def test_clipping_scales_the_whole_step(name, shape):
     """Also where (I - UU^T) G V is rank deficient (m = 3 < 2r = 4): the new directions must
-    stay orthogonal to U, or a rounding-dependent term enters the step."""
+    stay orthogonal to U, or a rounding-dependent term enters the step; and where there are
+    none (m = r: U spans everything)."""
     layer, x, y = problem(shape=shape)
     ref = dense_reference(layer, x, y, 1.0, name, 0.5, 0.05)  # unclipped, for contrast
     opt = DLRT([layer.weight], lr=0.5, integrator=name, rank_tol=0.05, model=layer)

@@ -320,7 +320,8 @@ class DLRT(LowRankOptimizer):
         r_u = mT(q_u) @ up
         # what only the pair knows, and its tangent products for the check
         gv_rec = a @ (mT(b) @ v)
-        gtu_rec, btq = (b @ (mT(a) @ cat_last(u, q_u))).split(r, dim=-1)  # one product for both
+        both = b @ (mT(a) @ cat_last(u, q_u))  # one product for both (q_u has min(m, 2r) - r columns)
+        gtu_rec, btq = both[..., :r], both[..., r:]
         if self._process_group is not None:
             gv_rec, gtu_rec, btq = self._average(gv_rec, gtu_rec, btq)
         ntq = btq - v @ (mT(v) @ btq)  # N^T Q_u = (I - VV^T) B A^T Q_u
