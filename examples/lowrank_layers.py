@@ -76,7 +76,7 @@ def main():
     print(f"dense model:       {n_params(dense):7d} parameters, train MSE {loss:.4f}")
 
     # 2. compress: every layer whose rank-r factors store fewer numbers than W
-    low = convert_to_low_rank(copy.deepcopy(dense), rank=16, tol=0.3)
+    low = convert_to_low_rank(copy.deepcopy(dense), rank=16, svd_tol=0.3)
     ranks = [m.rank for m in low.modules() if hasattr(m, "rank")]
     with torch.no_grad():
         loss0 = F.mse_loss(low(x), y).item()

@@ -34,6 +34,7 @@ from geoopt import ManifoldTensor
 from geoopt.manifolds.base import Manifold
 from torch import Tensor
 
+from ._args import positive_int
 from ._linalg import cat_rows, core_dtype, lowrank_svd, mT, pinv_core, qr, qr_positive, safe_reciprocal, solve_core, svd_core, svdvals_core, tmm
 from .truncation import Truncation
 
@@ -41,14 +42,6 @@ __all__ = ["FixedRankManifold"]
 
 Ambient = Union[Tensor, Tuple[Tensor, Tensor]]
 _RETRACTIONS = ("metric", "orthographic")
-
-
-def _check_dim(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _is_diagonal(s: Tensor) -> bool:
@@ -145,14 +138,14 @@ class FixedRankManifold(Manifold):
         if check_finite is not None and not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be None, True or False, got {check_finite!r}")
         self.check_finite = check_finite
-        self.m = _check_dim(m, "m")
-        self.n = _check_dim(n, "n")
-        self.rank = _check_dim(rank, "rank")
+        self.m = positive_int(m, "m")
+        self.n = positive_int(n, "n")
+        self.rank = positive_int(rank, "rank")
         if rank > min(m, n):
             raise ValueError(f"rank must be <= min(m, n) = {min(m, n)}, got {rank}")
         self.adaptive = max_rank is not None
         if self.adaptive:
-            _check_dim(max_rank, "max_rank")
+            positive_int(max_rank, "max_rank")
             if not rank <= max_rank <= min(m, n):
                 raise ValueError(f"max_rank must be in [rank, min(m, n)] = [{rank}, {min(m, n)}], got {max_rank}")
             if isinstance(min_rank, bool) or not isinstance(min_rank, int) or not 1 <= min_rank <= rank:

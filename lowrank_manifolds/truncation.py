@@ -2,12 +2,12 @@
 public through ``lowrank_manifolds.integrators``)."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._args import nonneg
 from ._linalg import core_dtype, mT, svd_core, tmm
 
 Factors = Tuple[Tensor, Tensor, Tensor]
@@ -18,12 +18,6 @@ def _check_rank_bounds(min_rank, max_rank) -> None:
     if max_rank is not None:
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < min_rank:
             raise ValueError(f"max_rank must be None or an int >= min_rank = {min_rank}, got {max_rank!r}")
-
-
-def _check_tol(tol) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    return float(tol)
 
 
 def truncation_rank(
@@ -42,7 +36,7 @@ def truncation_rank(
     small end, so tiny tails are accurate, and in float64 (as the core SVDs), so that
     float32 singular values near the overflow or underflow thresholds decide as well.
     """
-    tol = _check_tol(tol)
+    tol = nonneg(tol, "tol")
     _check_rank_bounds(min_rank, max_rank)
     k = s.shape[-1]
     s = s.to(core_dtype(s))  # the sums of squares in float64: no overflow or underflow of s^2 in float32
@@ -89,7 +83,7 @@ class Truncation:
         max_rank: Optional[int] = None,
         pad: bool = False,
     ):
-        self.tol = _check_tol(tol)
+        self.tol = nonneg(tol, "tol")
         _check_rank_bounds(min_rank, max_rank)
         if pad and max_rank is None:
             raise ValueError("pad=True needs max_rank (the fixed capacity of the output)")

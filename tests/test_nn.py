@@ -253,7 +253,7 @@ def test_from_dense_tolerance_chooses_smallest_rank(tol):
     dense = nn.Linear(n, m, dtype=DT)
     with torch.no_grad():
         dense.weight.copy_(u @ torch.diag(sv) @ v.T)
-    layer = LowRankLinear.from_dense(dense, tol=tol)
+    layer = LowRankLinear.from_dense(dense, svd_tol=tol)
     r = layer.rank
     w = dense.weight.detach()
     err = torch.linalg.matrix_norm(w - layer.dense_weight())
@@ -263,7 +263,7 @@ def test_from_dense_tolerance_chooses_smallest_rank(tol):
         assert tail > tol * torch.linalg.matrix_norm(w)
     assert int(truncation_rank(sv, tol)) == r
     # rank caps the tolerance-chosen rank
-    assert LowRankLinear.from_dense(dense, 2, tol=tol).rank == min(r, 2)
+    assert LowRankLinear.from_dense(dense, 2, svd_tol=tol).rank == min(r, 2)
 
 
 def test_conv_from_dense_and_exports():
@@ -281,7 +281,7 @@ def test_conv_from_dense_and_exports():
     assert low.to_dense_conv().weight.shape == conv.weight.shape
     w = conv.weight.detach().reshape(5, -1)
     err = torch.linalg.matrix_norm(w - low.dense_weight())
-    tl = LowRankConv2d.from_dense(conv, tol=err.item() / torch.linalg.matrix_norm(w).item() + 1e-9)
+    tl = LowRankConv2d.from_dense(conv, svd_tol=err.item() / torch.linalg.matrix_norm(w).item() + 1e-9)
     assert tl.rank == 2
 
 
@@ -320,7 +320,7 @@ def test_convert_to_low_rank_and_export_round_trip():
             w = mod.weight.reshape(mod.weight.shape[0], -1)
             mod.weight.copy_((w[:, :3] @ torch.randn(3, w.shape[1], dtype=DT)).reshape(mod.weight.shape))
     ref = copy.deepcopy(net2)
-    convert_to_low_rank(net2, tol=1e-10)
+    convert_to_low_rank(net2, svd_tol=1e-10)
     assert [net2[i].rank for i in (0, 4)] == [3, 3] and net2[6][0].rank == 3
     torch.testing.assert_close(net2(x), ref(x), atol=1e-12, rtol=0)
 
@@ -590,8 +590,8 @@ def test_bad_arguments_raise():
         LowRankLinear.from_dense(nn.Conv2d(4, 4, 3), 2)
     with pytest.raises(ValueError, match="rank"):
         LowRankLinear.from_dense(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="tol"):
-        LowRankLinear.from_dense(nn.Linear(4, 4), tol=1.5)
+    with pytest.raises(ValueError, match="svd_tol"):
+        LowRankLinear.from_dense(nn.Linear(4, 4), svd_tol=1.5)
     zero = nn.Linear(4, 4)
     with torch.no_grad():
         zero.weight.zero_()
@@ -733,11 +733,11 @@ def test_capacity_conv_and_adapter():
 def test_capacity_from_dense_and_convert():
     torch.manual_seed(4)
     lin = nn.Linear(30, 20, dtype=DT)
-    low = LowRankLinear.from_dense(lin, tol=0.5, max_rank=12)
+    low = LowRankLinear.from_dense(lin, tol=0.5, max_rank=12)  # the weight's policy also cuts the SVD
     r_ref = int(truncation_rank(torch.linalg.svdvals(lin.weight.detach()), 0.5))
     assert low.capacity == 12 and low.active_rank == min(r_ref, 12)
     assert low.manifold.truncation.tol == 0.5  # tol is also the training tolerance by default
-    low2 = LowRankLinear.from_dense(lin, rank=3, max_rank=8, rank_tol=1e-4)
+    low2 = LowRankLinear.from_dense(lin, rank=3, max_rank=8, tol=1e-4)
     assert low2.active_rank == 3 and low2.manifold.truncation.tol == 1e-4
     full = LowRankLinear.from_dense(lin, max_rank=20)
     torch.testing.assert_close(full.dense_weight(), lin.weight, atol=1e-12, rtol=0)
@@ -745,7 +745,7 @@ def test_capacity_from_dense_and_convert():
     lc = LowRankConv2d.from_dense(conv, rank=2, max_rank=4)
     assert lc.capacity == 4 and lc.active_rank == 2
     model = nn.Sequential(nn.Linear(40, 30, dtype=DT), nn.ReLU(), nn.Linear(30, 40, dtype=DT))
-    convert_to_low_rank(model, rank=4, max_rank=8, rank_tol=1e-3)
+    convert_to_low_rank(model, rank=4, max_rank=8, tol=1e-3)
     for i in (0, 2):
         assert model[i].capacity == 8 and model[i].active_rank == 4
         assert model[i].manifold.truncation.tol == 1e-3
@@ -755,7 +755,30 @@ def test_capacity_from_dense_and_convert():
         LowRankLinear(10, 8, 3, max_rank=2)
     with pytest.raises(ValueError, match="max_rank"):
         LowRankLinear(10, 8, 3, max_rank=9)
-    with pytest.raises(ValueError, match="max_rank"):
-        LowRankLinear.from_dense(lin, rank=3, rank_tol=0.1)
     with pytest.raises(ValueError, match="exceeds max_rank"):
         convert_to_low_rank(copy.deepcopy(model), rank=9, max_rank=8)
+
+
+def test_conversion_deprecated_spellings_keep_their_meaning():
+    """The old spellings (``tol`` as the initial cut, ``rank_tol`` as the truncation tolerance,
+    a ``max_rank`` above ``min(m, n)`` clipped) warn and build what the new names build."""
+    torch.manual_seed(5)
+    lin = nn.Linear(30, 20, dtype=DT)
+    with pytest.warns(DeprecationWarning, match="svd_tol"):
+        old = LowRankLinear.from_dense(lin, tol=0.5)
+    assert old.rank == LowRankLinear.from_dense(lin, svd_tol=0.5).rank
+    with pytest.warns(DeprecationWarning, match="rank_tol"):
+        old = LowRankLinear.from_dense(lin, tol=0.5, max_rank=12, rank_tol=1e-3)
+    new = LowRankLinear.from_dense(lin, svd_tol=0.5, max_rank=12, tol=1e-3)
+    assert (old.active_rank, old.capacity, old.manifold.truncation.tol) == (new.active_rank, 12, 1e-3)
+    torch.testing.assert_close(old.weight, new.weight, atol=0, rtol=0)
+    with pytest.warns(DeprecationWarning, match="clipped"):
+        assert LowRankLinear.from_dense(lin, max_rank=25).capacity == 20
+    with pytest.raises(TypeError, match="svd_tol"), pytest.warns(DeprecationWarning):
+        LowRankLinear.from_dense(lin, svd_tol=0.5, max_rank=12, rank_tol=1e-3)
+    with pytest.warns(DeprecationWarning, match="svd_tol"):
+        model = convert_to_low_rank(nn.Sequential(copy.deepcopy(lin)), tol=0.5)
+    assert model[0].rank == new.active_rank
+    with pytest.warns(DeprecationWarning, match="rank_tol"):
+        model = convert_to_low_rank(nn.Sequential(copy.deepcopy(lin)), rank=4, max_rank=8, rank_tol=1e-3)
+    assert model[0].manifold.truncation.tol == 1e-3 and model[0].capacity == 8

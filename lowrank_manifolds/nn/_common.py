@@ -1,25 +1,17 @@
 """What the low-rank layers share: argument checks, factor helpers, the manifold-holding module base."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import geoopt
 import torch
 from torch import Tensor, nn
 
+from .._args import deprecated, nonneg, positive_int
 from .._linalg import mT, qr_positive
 from ..manifold import FixedRankManifold
 from ..truncation import truncation_rank
 
-
-
-def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def check_rank(rank, m: int, n: int, what: str) -> int:
@@ -44,26 +36,27 @@ def split_factors(u: Tensor, s: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     return u, v @ mT(s)
 
 
-def select_rank(singular_values: Tensor, tol: float) -> int:
+def select_rank(singular_values: Tensor, svd_tol: float) -> int:
     r"""The smallest rank :math:`k \ge 1` whose relative Frobenius truncation error
-    :math:`(\sum_{j > k} s_j^2)^{1/2} \le \mathrm{tol}\, \|s\|` (Eckart-Young), by
-    :func:`~lowrank_manifolds.integrators.truncation_rank`; ``0 <= tol < 1``."""
+    :math:`(\sum_{j > k} s_j^2)^{1/2} \le \mathrm{svd\_tol}\, \|s\|` (Eckart-Young), by
+    :func:`~lowrank_manifolds.integrators.truncation_rank`; ``0 <= svd_tol < 1``."""
+    tol = svd_tol
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
-        raise ValueError(f"tol must be a number with 0 <= tol < 1, got {tol!r}")
+        raise ValueError(f"svd_tol must be a number with 0 <= svd_tol < 1, got {tol!r}")
     if singular_values.device.type == "meta":
         raise ValueError("a rank cannot be chosen by tolerance on the meta device (no values)")
     return int(truncation_rank(singular_values.detach().to(torch.float64), tol))
 
 
-def truncated_factors(w: Tensor, rank: Optional[int], tol: Optional[float], what: str):
-    """SVD of the dense ``m x n`` matrix ``w``, truncated by ``rank`` and/or ``tol``.
+def truncated_factors(w: Tensor, rank: Optional[int], svd_tol: Optional[float], what: str):
+    """SVD of the dense ``m x n`` matrix ``w``, truncated by ``rank`` and/or the cut ``svd_tol``.
 
     Returns ``(U_r, S_r, V_r)`` with ``S_r`` diagonal. With both arguments the rank
-    chosen by ``tol`` is capped at ``rank``.
+    chosen by ``svd_tol`` is capped at ``rank``.
     """
     m, n = w.shape
-    if rank is None and tol is None:
-        raise ValueError("give a rank, a tolerance tol, or both (tol then chooses a rank <= rank)")
+    if rank is None and svd_tol is None:
+        raise ValueError("give a rank, an initial SVD cut svd_tol, or both (svd_tol then chooses a rank <= rank)")
     if rank is not None:
         check_rank(rank, m, n, what)
     w = w.detach()
@@ -71,8 +64,8 @@ def truncated_factors(w: Tensor, rank: Optional[int], tol: Optional[float], what
         raise ValueError(f"the weight of {what} contains non-finite values")
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     r = rank
-    if tol is not None:
-        r = select_rank(s, tol)
+    if svd_tol is not None:
+        r = select_rank(s, svd_tol)
         if rank is not None:
             r = min(r, rank)
     if w.device.type != "meta" and not bool(s[r - 1] > 0):
@@ -83,28 +76,42 @@ def truncated_factors(w: Tensor, rank: Optional[int], tol: Optional[float], what
     return u[:, :r], torch.diag_embed(s[:r]), mT(vh[:r, :])
 
 
-def capacity_args(rank, tol, max_rank, rank_tol, m: int, n: int):
-    """``(rank cap, max_rank, manifold tol)`` for ``from_dense`` with an optional capacity."""
+def conversion_args(rank, svd_tol, max_rank, tol, rank_tol, m: int, n: int, where: str):
+    """``(rank cap, SVD cut, capacity, truncation tol)`` of a conversion from a dense weight.
+
+    ``svd_tol`` cuts the initial SVD; ``tol`` is the truncation tolerance of the weight's
+    rank-adaptive manifold (with ``max_rank``), and also cuts the initial SVD when
+    ``svd_tol`` is not given: the weight's own policy truncates the dense weight.
+    The old spellings keep working with a ``DeprecationWarning``: ``rank_tol`` (now ``tol``,
+    the old ``tol`` then being the cut) and ``tol`` without ``max_rank`` (then the cut).
+    A ``max_rank`` above ``min(m, n)`` is clipped with a ``DeprecationWarning`` (a layer
+    constructor raises)."""
+    if rank_tol is not None:
+        deprecated(f"{where}: rank_tol= is deprecated: the truncation tolerance is tol= and the initial SVD cut svd_tol=", stacklevel=5)
+        if svd_tol is not None:
+            raise TypeError(f"{where}: give svd_tol= and tol=, not the deprecated rank_tol=")
+        svd_tol, tol = tol, rank_tol
+    elif max_rank is None and tol is not None and svd_tol is None:
+        deprecated(f"{where}: tol= without max_rank as the initial SVD cut is deprecated: use svd_tol=", stacklevel=5)
+        svd_tol, tol = tol, None
     if max_rank is None:
-        if rank_tol is not None:
-            raise ValueError("rank_tol is the rank-adaptive truncation tolerance: it needs max_rank")
-        return rank, None, 0.0
-    check_positive_int(max_rank, "max_rank")
-    max_rank = min(max_rank, m, n)
+        if tol is not None:
+            raise ValueError("tol is the rank-adaptive truncation tolerance: it needs max_rank")
+        if rank is None and svd_tol is None:
+            raise ValueError("give a rank, an initial SVD cut svd_tol, or both (svd_tol then chooses a rank <= rank)")
+        return rank, svd_tol, None, 0.0
+    positive_int(max_rank, "max_rank")
+    if max_rank > min(m, n):
+        deprecated(f"{where}: max_rank = {max_rank} > min({m}, {n}) is clipped; it will raise as in the layers", stacklevel=5)
+        max_rank = min(m, n)
     if rank is not None:
         check_rank(rank, m, n, "the layer")
         if rank > max_rank:
             raise ValueError(f"rank = {rank} exceeds max_rank = {max_rank}")
     else:
-        rank = max_rank  # tol chooses a rank <= the capacity
-    mtol = rank_tol if rank_tol is not None else (tol if tol is not None else 0.0)
-    return rank, max_rank, mtol
-
-
-def check_nonneg_tol(tol) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"rank_tol must be a finite number >= 0, got {tol!r}")
-    return float(tol)
+        rank = max_rank  # the cut chooses a rank <= the capacity
+    tol = 0.0 if tol is None else nonneg(tol, "tol")
+    return rank, (svd_tol if svd_tol is not None else (tol or None)), max_rank, tol
 
 
 def haar_stiefel(rows: int, cols: int, **factory) -> Tensor:

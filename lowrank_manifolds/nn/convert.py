@@ -8,11 +8,8 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._common import (
-    check_nonneg_tol,
-    check_positive_int,
-    select_rank,
-)
+from .._args import deprecated, nonneg, positive_int
+from ._common import select_rank
 from .adapter import LowRankAdapterLinear
 from .layers import LowRankConv2d, LowRankLinear
 
@@ -83,8 +80,9 @@ def convert_to_low_rank(
     module: nn.Module,
     rank: Optional[int] = None,
     *,
-    tol: Optional[float] = None,
+    svd_tol: Optional[float] = None,
     max_rank: Optional[int] = None,
+    tol: Optional[float] = None,
     rank_tol: Optional[float] = None,
     include: Patterns = None,
     exclude: Patterns = None,
@@ -101,15 +99,18 @@ def convert_to_low_rank(
     module : nn.Module
         Modified **in place** (deep-copy it first to keep the original).
     rank : int, optional
-        Fixed rank for every layer; with ``tol``, a cap on the chosen ranks.
-    tol : float, optional
-        Per-layer relative Frobenius tolerance (see :func:`~lowrank_manifolds.integrators.truncation_rank`).
+        Fixed rank for every layer; with ``svd_tol``, a cap on the chosen ranks.
+    svd_tol : float, optional
+        Per-layer initial SVD cut: relative Frobenius tolerance, ``0 <= svd_tol < 1``
+        (see :func:`~lowrank_manifolds.integrators.truncation_rank`).
     max_rank : int, optional
-        Make every converted layer rank-adaptive with this capacity (clipped to each
-        layer's ``min(m, n)``); the initial rank is capped at it.
+        Make every converted layer rank-adaptive with capacity ``min(max_rank, m, n)``
+        (a model-wide setting, hence clipped to each layer); the initial rank is capped at it.
+    tol : float, optional
+        Truncation tolerance of the rank-adaptive layers (only with ``max_rank``; default 0),
+        the ``tol`` of :class:`LowRankLinear`; without ``svd_tol`` it also cuts the initial SVDs.
     rank_tol : float, optional
-        Truncation tolerance of the rank-adaptive layers (only with ``max_rank``);
-        default ``tol``, or 0.
+        Deprecated name of ``tol`` (the old ``tol`` is then ``svd_tol``).
     include, exclude : str or iterable of str, optional
         ``fnmatch`` patterns on qualified names (e.g. ``"encoder.*"``,
         ``"*.fc2"``). A layer is converted if it matches some ``include`` pattern
@@ -124,7 +125,7 @@ def convert_to_low_rank(
     Notes
     -----
     Skipping rule: for an ``m x n`` weight (``n = in*kh*kw`` for a convolution) and
-    the rank ``r`` chosen (``rank``, or from ``tol``), the layer is converted only if
+    the rank ``r`` chosen (``rank``, or from the cut), the layer is converted only if
     the low-rank layer stores fewer weight numbers,
     :math:`R (m + n + R) < m n` (the packed ``[U; S; V]``; ``R = r``, or the
     capacity with ``max_rank``); this also skips ``rank > min(m, n)``. Also skipped: subclasses of ``nn.Linear``/``nn.Conv2d``
@@ -133,20 +134,31 @@ def convert_to_low_rank(
     with another module (tied weights), and the inside of this module's own layers.
     Cost: one SVD per converted layer.
     """
-    if rank is None and tol is None and max_rank is None:
-        raise ValueError("give a rank, a tolerance tol, or both (or a capacity max_rank)")
+    if rank_tol is not None:  # the old spelling: tol was the cut, rank_tol the truncation tolerance
+        deprecated("convert_to_low_rank: rank_tol= is deprecated: the truncation tolerance is tol= and the "
+                   "initial SVD cut svd_tol=")
+        if svd_tol is not None:
+            raise TypeError("convert_to_low_rank: give svd_tol= and tol=, not the deprecated rank_tol=")
+        svd_tol, tol = tol, rank_tol
+    elif max_rank is None and tol is not None and svd_tol is None:
+        deprecated("convert_to_low_rank: tol= without max_rank as the initial SVD cut is deprecated: use svd_tol=")
+        svd_tol, tol = tol, None
+    if rank is None and svd_tol is None and max_rank is None:
+        raise ValueError("give a rank, an initial SVD cut svd_tol, or both (or a capacity max_rank)")
     if rank is not None:
-        check_positive_int(rank, "rank")
+        positive_int(rank, "rank")
     if max_rank is not None:
-        check_positive_int(max_rank, "max_rank")
+        positive_int(max_rank, "max_rank")
         if rank is not None and rank > max_rank:
             raise ValueError(f"rank = {rank} exceeds max_rank = {max_rank}")
-    elif rank_tol is not None:
-        raise ValueError("rank_tol is the rank-adaptive truncation tolerance: it needs max_rank")
-    if rank_tol is not None:
-        check_nonneg_tol(rank_tol)
-    if tol is not None:
-        select_rank(torch.ones(1), tol)  # validates tol
+        tol = 0.0 if tol is None else nonneg(tol, "tol")
+        cut = svd_tol if svd_tol is not None else (tol or None)  # the layers' own policy cuts the SVD
+    elif tol is not None:
+        raise ValueError("tol is the rank-adaptive truncation tolerance: it needs max_rank")
+    else:
+        cut = svd_tol
+    if cut is not None:
+        select_rank(torch.ones(1), cut)  # validates the cut
     include = _as_patterns(include, "include")
     exclude = _as_patterns(exclude, "exclude")
     shared = _shared_param_ids(module)
@@ -159,10 +171,10 @@ def convert_to_low_rank(
         m, n = _matrix_shape(child)
         w = child.weight.detach()
         cap_r = None if max_rank is None else min(max_rank, m, n)
-        if tol is None:
+        if cut is None:
             r = rank if rank is not None else cap_r
         else:
-            r = select_rank(torch.linalg.svdvals(w.reshape(m, n)), tol)
+            r = select_rank(torch.linalg.svdvals(w.reshape(m, n)), cut)
             if rank is not None:
                 r = min(r, rank)
         if cap_r is not None:
@@ -173,8 +185,7 @@ def convert_to_low_rank(
         cls = LowRankLinear if type(child) is nn.Linear else LowRankConv2d
         if cap_r is None:
             return cls.from_dense(child, rank=r)
-        mtol = rank_tol if rank_tol is not None else (tol if tol is not None else 0.0)
-        return cls.from_dense(child, rank=r, max_rank=cap_r, rank_tol=mtol)
+        return cls.from_dense(child, rank=r, max_rank=cap_r, tol=tol)
 
     return _replace(module, convert)
 
@@ -218,9 +229,9 @@ def add_adapters(
     are wrapped (see :func:`convert_to_low_rank`). Pass only trainable parameters
     to the optimizer: ``RiemannianAdam(p for p in model.parameters() if p.requires_grad)``.
     """
-    check_positive_int(rank, "rank")
+    positive_int(rank, "rank")
     if max_rank is not None:
-        check_positive_int(max_rank, "max_rank")
+        positive_int(max_rank, "max_rank")
         if rank > max_rank:
             raise ValueError(f"rank = {rank} exceeds max_rank = {max_rank}")
     include = _as_patterns(include, "include")

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._args import positive_int
 from .._linalg import mT
 from ._common import (
     ManifoldModule,
     active_rank_int,
-    capacity_args,
     check_capacity,
-    check_positive_int,
     check_rank,
+    conversion_args,
     haar_stiefel,
     make_manifold,
     manifold_repr,
@@ -127,6 +127,35 @@ class _LowRankWeight(ManifoldModule):
         with torch.no_grad():
             self.weight.copy_(self.manifold.pad(u, s, v))
 
+    @classmethod
+    def _from_matrix(cls, dense: nn.Module, w: Tensor, ctor_args: tuple, ctor_kwargs: dict, *, rank, svd_tol,
+                     max_rank, tol, rank_tol):
+        """The layer ``cls(*ctor_args, r, **ctor_kwargs)`` holding the truncated SVD of the
+        matricised dense weight ``w`` (``m x n``) and the bias and mode of ``dense``."""
+        what = f"the {type(dense).__name__}"
+        rank, cut, max_rank, tol = conversion_args(rank, svd_tol, max_rank, tol, rank_tol, *w.shape,
+                                                   f"{cls.__name__}.from_dense")
+        u, s, v = truncated_factors(w, rank, cut, what)
+        layer = torch.nn.utils.skip_init(
+            cls, *ctor_args, u.shape[-1], bias=dense.bias is not None, max_rank=max_rank, tol=tol,
+            dtype=w.dtype, device=w.device, **ctor_kwargs,
+        )
+        return layer._adopt(u, s, v, dense)
+
+    def _export(self, plain: nn.Module, weight: Tensor) -> nn.Module:
+        """``plain`` (a dense layer of this one's kind) with ``weight``, this layer's bias and mode."""
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain.train(self.training)
+
+    def _two_layers(self, first: nn.Module, second: nn.Module, w_first: Tensor, w_second: Tensor) -> nn.Sequential:
+        """``nn.Sequential(first, second)`` with the given weights and the bias on ``second``."""
+        with torch.no_grad():
+            first.weight.copy_(w_first)
+        return nn.Sequential(first, self._export(second, w_second)).train(self.training)
+
     def _weight_repr(self) -> str:
         return manifold_repr(self.manifold)
 
@@ -160,7 +189,8 @@ class LowRankLinear(_LowRankWeight):
         ``tol``); :class:`~lowrank_manifolds.optim.DLRT`,
         :class:`~lowrank_manifolds.optim.GeometricSGD` and
         :class:`~lowrank_manifolds.optim.GeometricAdam` use the same capacity with
-        their own ``rank_tol``. :attr:`active_rank` is the current rank.
+        the same truncation unless a param group sets its own ``tol``. :attr:`active_rank`
+        is the current rank.
     tol : float
         Relative truncation tolerance of the rank-adaptive manifold (only with
         ``max_rank``): keep the smallest rank whose discarded singular values have
@@ -193,7 +223,7 @@ class LowRankLinear(_LowRankWeight):
     --------
     >>> layer = LowRankLinear(512, 256, rank=16)
     >>> opt = geoopt.optim.RiemannianAdam(layer.parameters(), lr=1e-3)
-    >>> small = LowRankLinear.from_dense(nn.Linear(512, 256), tol=0.5)
+    >>> small = LowRankLinear.from_dense(nn.Linear(512, 256), svd_tol=0.5)
     """
 
     def __init__(
@@ -210,8 +240,8 @@ class LowRankLinear(_LowRankWeight):
         device=None,
     ):
         super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.out_features = check_positive_int(out_features, "out_features")
+        self.in_features = positive_int(in_features, "in_features")
+        self.out_features = positive_int(out_features, "out_features")
         self._init_weight(out_features, in_features, rank, max_rank=max_rank, tol=tol,
                           retraction=retraction, bias=bias, dtype=dtype, device=device,
                           what="LowRankLinear")
@@ -247,8 +277,9 @@ class LowRankLinear(_LowRankWeight):
         linear: nn.Linear,
         rank: Optional[int] = None,
         *,
-        tol: Optional[float] = None,
+        svd_tol: Optional[float] = None,
         max_rank: Optional[int] = None,
+        tol: Optional[float] = None,
         rank_tol: Optional[float] = None,
     ) -> "LowRankLinear":
         r"""A :class:`LowRankLinear` from the truncated SVD of a dense ``nn.Linear``.
@@ -259,15 +290,19 @@ class LowRankLinear(_LowRankWeight):
             The layer to compress (not modified). Dtype and device are kept.
         rank : int, optional
             A fixed rank. With ``tol`` as well, an upper bound on the chosen rank.
-        tol : float, optional
-            Relative Frobenius tolerance, ``0 <= tol < 1``: the smallest rank with
-            :math:`\|W - W_r\|_F \le \mathrm{tol}\,\|W\|_F` (:func:`~lowrank_manifolds.integrators.truncation_rank`).
+        svd_tol : float, optional
+            Initial SVD cut, ``0 <= svd_tol < 1``: the smallest rank with
+            :math:`\|W - W_r\|_F \le \mathrm{svd\_tol}\,\|W\|_F` (:func:`~lowrank_manifolds.integrators.truncation_rank`),
+            at most ``rank``.
         max_rank : int, optional
-            Build a rank-adaptive layer of capacity ``max_rank`` (clipped to
-            ``min(m, n)``); the initial rank is capped at it.
+            Build a rank-adaptive layer of capacity ``max_rank``
+            (``rank <= max_rank <= min(m, n)``); the initial rank is capped at it.
+        tol : float, optional
+            The truncation tolerance of the rank-adaptive layer (only with ``max_rank``;
+            default 0), the ``tol`` of :class:`LowRankLinear`. Without ``svd_tol`` it also
+            cuts the initial SVD: the weight's own truncation policy applied to ``W``.
         rank_tol : float, optional
-            The truncation tolerance of the rank-adaptive manifold (only with
-            ``max_rank``); default ``tol`` (the same rule as the initial choice), or 0.
+            Deprecated name of ``tol`` (the old ``tol`` is then ``svd_tol``).
 
         Notes
         -----
@@ -278,36 +313,15 @@ class LowRankLinear(_LowRankWeight):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        m, n = linear.out_features, linear.in_features
-        rank, max_rank, mtol = capacity_args(rank, tol, max_rank, rank_tol, m, n)
-        u, s, v = truncated_factors(linear.weight, rank, tol, "the nn.Linear")
-        w = linear.weight
-        layer = torch.nn.utils.skip_init(
-            cls,
-            linear.in_features,
-            linear.out_features,
-            u.shape[-1],
-            bias=linear.bias is not None,
-            max_rank=max_rank,
-            tol=mtol,
-            dtype=w.dtype,
-            device=w.device,
-        )
-        return layer._adopt(u, s, v, linear)
+        return cls._from_matrix(linear, linear.weight, (linear.in_features, linear.out_features), {}, rank=rank,
+                                svd_tol=svd_tol, max_rank=max_rank, tol=tol, rank_tol=rank_tol)
 
     def to_dense_linear(self) -> nn.Linear:
         r"""A plain ``nn.Linear`` with weight :math:`USV^\top` (cost :math:`O(mnr)`),
         detached from this layer."""
         w = self.weight
-        lin = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, dtype=w.dtype, device=w.device
-        )
-        with torch.no_grad():
-            lin.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        lin.train(self.training)
-        return lin
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=w.dtype, device=w.device)
+        return self._export(plain, self.dense_weight())
 
     def to_factored(self) -> nn.Sequential:
         r"""Two thin plain layers computing the same map:
@@ -320,15 +334,8 @@ class LowRankLinear(_LowRankWeight):
         r = factors[0].shape[-1]
         first = nn.Linear(self.in_features, r, bias=False, dtype=w.dtype, device=w.device)
         second = nn.Linear(r, self.out_features, bias=self.bias is not None, dtype=w.dtype, device=w.device)
-        with torch.no_grad():
-            a, b = split_factors(*factors)
-            first.weight.copy_(mT(b))
-            second.weight.copy_(a)
-            if self.bias is not None:
-                second.bias.copy_(self.bias)
-        seq = nn.Sequential(first, second)
-        seq.train(self.training)
-        return seq
+        a, b = split_factors(*factors)
+        return self._two_layers(first, second, mT(b), a)
 
 
 def _pair(value, name: str) -> Tuple[int, int]:
@@ -414,8 +421,8 @@ class LowRankConv2d(_LowRankWeight):
         device=None,
     ):
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.out_channels = check_positive_int(out_channels, "out_channels")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         if min(self.kernel_size) < 1:
             raise ValueError(f"kernel_size must be positive, got {self.kernel_size}")
@@ -540,8 +547,9 @@ class LowRankConv2d(_LowRankWeight):
         conv: nn.Conv2d,
         rank: Optional[int] = None,
         *,
-        tol: Optional[float] = None,
+        svd_tol: Optional[float] = None,
         max_rank: Optional[int] = None,
+        tol: Optional[float] = None,
         rank_tol: Optional[float] = None,
     ) -> "LowRankConv2d":
         r"""A :class:`LowRankConv2d` from the truncated SVD of an ``nn.Conv2d``'s
@@ -552,26 +560,10 @@ class LowRankConv2d(_LowRankWeight):
             raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"only groups=1 convolutions can be converted, got groups={conv.groups}")
+        kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
         w = conv.weight
-        rank, max_rank, mtol = capacity_args(rank, tol, max_rank, rank_tol, w.shape[0], w[0].numel())
-        u, s, v = truncated_factors(w.reshape(w.shape[0], -1), rank, tol, "the nn.Conv2d")
-        layer = torch.nn.utils.skip_init(
-            cls,
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            u.shape[-1],
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            max_rank=max_rank,
-            tol=mtol,
-            dtype=w.dtype,
-            device=w.device,
-        )
-        return layer._adopt(u, s, v, conv)
+        return cls._from_matrix(conv, w.reshape(w.shape[0], -1), (conv.in_channels, conv.out_channels, conv.kernel_size),
+                                kwargs, rank=rank, svd_tol=svd_tol, max_rank=max_rank, tol=tol, rank_tol=rank_tol)
 
     def to_dense_conv(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with the dense kernel (cost ``O(mnr)``), detached."""
@@ -580,12 +572,7 @@ class LowRankConv2d(_LowRankWeight):
             self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
             dtype=w.dtype, device=w.device, **self._conv_kwargs(),
         )
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_kernel())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        conv.train(self.training)
-        return conv
+        return self._export(conv, self.dense_kernel())
 
     def to_factored(self) -> nn.Sequential:
         """``nn.Sequential(nn.Conv2d(in, r, k, ...), nn.Conv2d(r, out, 1, bias=bias))``:
@@ -601,12 +588,4 @@ class LowRankConv2d(_LowRankWeight):
         second = nn.Conv2d(
             r, self.out_channels, 1, bias=self.bias is not None, dtype=w.dtype, device=w.device
         )
-        with torch.no_grad():
-            filters, mix = self._filters(factors)
-            first.weight.copy_(filters)
-            second.weight.copy_(mix)
-            if self.bias is not None:
-                second.bias.copy_(self.bias)
-        seq = nn.Sequential(first, second)
-        seq.train(self.training)
-        return seq
+        return self._two_layers(first, second, *self._filters(factors))
