@@ -26,7 +26,11 @@ Model surgery
 model by truncated SVDs; :func:`add_adapters` wraps ``nn.Linear`` layers in
 adapters; :func:`export_dense` turns every layer of this module back into plain
 PyTorch layers (dense, or two thin layers), so that a trained model deploys
-without this library.
+without this library. The linear layer types they know are those of :mod:`.registry`
+(``nn.Linear``, ``transformers``' ``Conv1D``, and :func:`register_linear` for others); with
+``report=True`` they return a :class:`SurgeryReport`. :func:`save_lowrank` /
+:func:`load_lowrank` (:mod:`.serialization`) write the low-rank layers and adapters of a model
+to ``safetensors`` and rebuild them in a fresh base model.
 
 Throughout, ``S`` is folded into the factor with fewer rows before it is applied
 (:func:`split_factors`): the weight-side cost is :math:`O(\min(m, n)\,r^2)` per call,
@@ -40,13 +44,16 @@ lives on the rank-adaptive ``FixedRankManifold(m, n, rank, max_rank=R, tol=tol)`
 the static packed shape ``(m + R + n, R)``; the active columns come first, the inactive
 columns of ``U``, ``V`` and rows/columns of ``S`` are exactly zero and contribute nothing
 to the products above, so the forward pass needs no masking (it costs that of rank
-``R``). Stock geoopt optimizers change the active rank at every retraction; the
-optimizers of :mod:`lowrank_manifolds.optim` use the same convention. ``active_rank``
+``R``). ``tol`` is the weight's one truncation policy: stock geoopt optimizers apply it at
+every retraction, and the optimizers of :mod:`lowrank_manifolds.optim` at every step. ``active_rank``
 reads the current rank; exports (``to_factored``) trim to it.
 """
 from .adapter import LowRankAdapterLinear
 from .convert import add_adapters, convert_to_low_rank, export_dense
 from .layers import LowRankConv2d, LowRankLinear
+from .registry import register_linear
+from .report import SurgeryReport
+from .serialization import load_lowrank, save_lowrank
 
 __all__ = [
     "LowRankLinear",
@@ -55,4 +62,8 @@ __all__ = [
     "convert_to_low_rank",
     "add_adapters",
     "export_dense",
+    "register_linear",
+    "SurgeryReport",
+    "save_lowrank",
+    "load_lowrank",
 ]
