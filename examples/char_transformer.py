@@ -260,13 +260,13 @@ def make_optimizer(method, model, lr, args):
         return torch.optim.Adam(model.parameters(), lr=lr, betas=BETAS)
     if method == "GeometricAdam":
         fixes = dict(perp_second_moment="scalar", m2_transport="squared") if args.geo_fixes else {}
-        return GeometricAdam(model.parameters(), lr=lr, betas=BETAS, rank_tol=args.tol, **fixes)
+        return GeometricAdam(model.parameters(), lr=lr, betas=BETAS, **fixes)
     if method == "DLRT abc-PSI":
         low = mlp_weights(model)
         other = [p for p in model.parameters() if all(p is not q for q in low)]
         return DLRT(
             [{"params": low}, {"params": other, "lr": args.lr_adam}],
-            lr=lr, integrator="abc-psi", rank_tol=args.tol, euclidean="adam", betas=BETAS, model=model,
+            lr=lr, integrator="abc-psi", euclidean="adam", betas=BETAS, model=model,
         )
     rank = args.width // (4 if "d/4" in method else 8)
     kwargs = {}

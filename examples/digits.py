@@ -63,8 +63,8 @@ def mlp(kind, cap, tol=0.0):
     for i, (n, m) in enumerate(zip(SIZES[:-1], SIZES[1:])):
         hidden = i < len(SIZES) - 2
         if hidden and kind == "lowrank":
-            # capacity cap, starting at full capacity; the manifold's tol drives the rank of
-            # stock geoopt optimizers, our optimizers use their rank_tol (the same value here)
+            # capacity cap, starting at full capacity; the manifold's tol is the weight's one
+            # truncation policy, for stock geoopt optimizers and ours alike
             layers.append(LowRankLinear(n, m, rank=cap, max_rank=cap, tol=tol))
         elif hidden and kind == "lora":
             layers.append(LoRALinear(n, m, cap))
@@ -104,13 +104,12 @@ def make_optimizer(method, model, args):
     if method == "geoopt RiemannianAdam":
         return geoopt.optim.RiemannianAdam(model.parameters(), lr=args.lr)
     if method == "GeometricAdam":
-        return GeometricAdam(model.parameters(), lr=args.lr, rank_tol=args.tol)
+        return GeometricAdam(model.parameters(), lr=args.lr)
     integrator = "abc-psi" if "abc" in method else "augmented-bug"
     return DLRT(
         [{"params": low}, {"params": other, "lr": args.lr}],
         lr=args.dlrt_lr,
         integrator=integrator,
-        rank_tol=args.tol,
         euclidean="adam",
         model=model,
     )

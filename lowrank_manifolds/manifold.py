@@ -34,7 +34,7 @@ from geoopt import ManifoldTensor
 from geoopt.manifolds.base import Manifold
 from torch import Tensor
 
-from ._args import positive_int
+from ._args import check_ambient, positive_int
 from ._linalg import cat_rows, core_dtype, lowrank_svd, mT, pinv_core, qr, qr_positive, safe_reciprocal, solve_core, svd_core, svdvals_core, tmm
 from .truncation import Truncation
 
@@ -84,14 +84,15 @@ class FixedRankManifold(Manifold):
         The truncation rule of a rank-adaptive manifold: keep the smallest rank whose
         discarded singular values have norm ``<= tol * ||s||`` (``relative=True``) or
         ``<= tol``. Only with ``max_rank``.
-    retraction : {"metric", "orthographic"} or integrator
+    retraction : {"metric", "orthographic"}, an integrator or its name
         ``"metric"`` (default): the metric projection, i.e. the best low-rank
         approximation of :math:`X + \xi` (second order).
         ``"orthographic"``: Absil and Oseledets' orthographic retraction
         (second order, cheaper: QRs of m x r and n x r matrices; fixed rank only).
         An integrator of :mod:`lowrank_manifolds.integrators` (anything with its
-        ``step(U, S, V, field, h)`` protocol): one step of size 1 along the constant
-        tangent field, then the manifold's truncation.
+        ``step(U, S, V, field, h)`` protocol), or its name in
+        :data:`~lowrank_manifolds.integrators.INTEGRATORS` (e.g. ``"abc-psi"``): one step of
+        size 1 along the constant tangent field, then the manifold's truncation.
     check_finite : bool, optional
         Whether :meth:`egrad2rgrad` checks that the Euclidean gradient is finite and raises
         ``ValueError`` if not (before an optimizer folds it into its state). ``None``
@@ -156,9 +157,16 @@ class FixedRankManifold(Manifold):
                 raise ValueError("tol and min_rank set a rank-adaptive truncation: they need max_rank")
             self.truncation = Truncation(0.0, min_rank=rank, max_rank=rank, pad=True)
         self.capacity = max_rank if self.adaptive else rank
+        if isinstance(retraction, str) and retraction not in _RETRACTIONS:
+            from .integrators import INTEGRATORS  # the integrators build on this module
+
+            if retraction not in INTEGRATORS:
+                raise ValueError(
+                    f"retraction must be one of {_RETRACTIONS}, a name of {sorted(INTEGRATORS)} or an "
+                    f"integrator, got {retraction!r}"
+                )
+            retraction = INTEGRATORS[retraction]()
         if isinstance(retraction, str):
-            if retraction not in _RETRACTIONS:
-                raise ValueError(f"retraction must be one of {_RETRACTIONS} or an integrator, got {retraction!r}")
             if retraction == "orthographic" and self.adaptive:
                 raise ValueError("the orthographic retraction keeps the rank: it cannot be rank-adaptive (max_rank)")
         elif not callable(getattr(retraction, "step", None)):
@@ -228,26 +236,8 @@ class FixedRankManifold(Manifold):
                 raise ValueError(f"{name} is on {t.device} but the point is on {ref.device}")
 
     def _check_ambient(self, x: Tensor, z: Ambient, name: str) -> None:
-        """Check a dense ``(..., m, n)`` matrix or a factor pair ``(A, B)``."""
-        if isinstance(z, tuple):
-            if len(z) != 2:
-                raise ValueError(f"{name} as low-rank factors must be a pair (A, B), got {len(z)}")
-            a, b = z
-            for t, rows, tn in ((a, self.m, "A"), (b, self.n, "B")):
-                if not isinstance(t, Tensor) or t.dim() < 2 or t.shape[-2] != rows:
-                    shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                    raise ValueError(f"{name}: factor {tn} must have shape (..., {rows}, k), got {shape}")
-            if a.shape[-1] != b.shape[-1]:
-                raise ValueError(
-                    f"{name}: factors A and B must have the same number of columns, "
-                    f"got {a.shape[-1]} and {b.shape[-1]}"
-                )
-            self._check_compatible(x, **{f"{name} factor A": a, f"{name} factor B": b})
-        else:
-            if not isinstance(z, Tensor) or z.dim() < 2 or tuple(z.shape[-2:]) != (self.m, self.n):
-                shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-                raise ValueError(f"{name} must have trailing shape (m, n) = ({self.m}, {self.n}), got {shape}")
-            self._check_compatible(x, **{name: z})
+        """Check a dense ``(..., m, n)`` matrix or a factor pair ``(A, B)`` against the point."""
+        check_ambient(z, self.m, self.n, x, name)
 
     @staticmethod
     def _check_finite(t: Tensor, name: str) -> None:

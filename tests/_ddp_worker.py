@@ -54,12 +54,12 @@ def dense_model():
                          nn.Linear(12, D_OUT, dtype=F64))
 
 
-def groups(model, rank_tol, **other_options):
-    """Parameter groups: the capacity layer's weight with ``rank_tol``, the fixed-rank
+def groups(model, tol, **other_options):
+    """Parameter groups: the capacity layer's weight with its own ``tol``, the fixed-rank
     weight, every other parameter (with ``other_options``)."""
     capacity, fixed = model[1].weight, model[3].weight
     other = [p for p in model.parameters() if p is not capacity and p is not fixed]
-    return [{"params": [capacity], "rank_tol": rank_tol}, {"params": [fixed]}, {"params": other, **other_options}]
+    return [{"params": [capacity], "tol": tol}, {"params": [fixed]}, {"params": other, **other_options}]
 
 
 def dlrt(model, recorder_of=None):
@@ -72,7 +72,7 @@ CASES = {
     "geoopt RiemannianAdam": (lowrank_model, lambda m, w: geoopt.optim.RiemannianAdam(m.parameters(), lr=0.02)),
     "GeometricSGD": (lowrank_model, lambda m, w: GeometricSGD(m.parameters(), lr=0.05, momentum=0.9)),
     "GeometricAdam": (lowrank_model, lambda m, w: GeometricAdam(m.parameters(), lr=0.02)),
-    "GeometricAdam rank_tol": (lowrank_model, lambda m, w: GeometricAdam(groups(m, RANK_TOL), lr=0.02)),
+    "GeometricAdam group tol": (lowrank_model, lambda m, w: GeometricAdam(groups(m, RANK_TOL), lr=0.02)),
     "DLRT without model=": (lowrank_model, lambda m, w: dlrt(m)),
     "LoRAPreAdam (dense model)": (dense_model, lambda m, w: LoRAPreAdam(m.parameters(), lr=0.02, rank=2)),
     "DLRT with model=": (lowrank_model, lambda m, w: dlrt(m, recorder_of=w)),

@@ -10,11 +10,11 @@ on the union batch, the reference. For each optimizer:
 * DDP equals single-process training: max |W_ddp - W_single| <= 1e-10 over every
   parameter (packed factors included), with the same active ranks after every step;
 * training moved the weights (max |W - W_init| > 1e-3) and, for the rank-adaptive
-  cases (stock geoopt on the capacity layer's manifold tolerance, ``rank_tol`` for ours),
+  cases (stock geoopt on the capacity layer's manifold tolerance, the group's ``tol`` for ours),
   changed the capacity layer's rank, so that equality means something.
 
 Optimizers: stock ``geoopt.optim.RiemannianSGD`` and ``RiemannianAdam`` on the
-manifold parameters, ``GeometricSGD``, ``GeometricAdam`` (without and with ``rank_tol``
+manifold parameters, ``GeometricSGD``, ``GeometricAdam`` (without and with a group ``tol``
 on the capacity layer), ``DLRT`` without ``model=`` (field from ``p.grad``),
 ``LoRAPreAdam`` on a dense model, and ``DLRT`` with ``model=`` (the recorder) in its own
 pair of processes. One pair of processes runs all the others in sequence, to pay the
@@ -39,11 +39,11 @@ CASES = [
     "geoopt RiemannianAdam",
     "GeometricSGD",
     "GeometricAdam",
-    "GeometricAdam rank_tol",
+    "GeometricAdam group tol",
     "DLRT without model=",
     "LoRAPreAdam (dense model)",
 ]
-RANK_ADAPTIVE = {"geoopt RiemannianSGD", "geoopt RiemannianAdam", "GeometricAdam rank_tol", "DLRT without model=",
+RANK_ADAPTIVE = {"geoopt RiemannianSGD", "geoopt RiemannianAdam", "GeometricAdam group tol", "DLRT without model=",
                  RECORDER}
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -25,7 +25,7 @@ F64 = torch.float64
 OPTIMIZERS = {
     "geometric-sgd": lambda m: GeometricSGD(m.parameters(), lr=0.05, momentum=0.9),
     "geometric-adam": lambda m: GeometricAdam(m.parameters(), lr=0.01),
-    "dlrt-recorded": lambda m: DLRT(m.parameters(), lr=0.1, rank_tol=0.1, euclidean="adam", model=m),
+    "dlrt-recorded": lambda m: DLRT(m.parameters(), lr=0.1, tol=0.1, euclidean="adam", model=m),
     "lora-pre": lambda m: LoRAPreAdam(m.parameters(), lr=0.01, rank=2),
 }
 

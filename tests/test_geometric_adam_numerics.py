@@ -59,7 +59,7 @@ def trajectory(dtype, adaptive, perturb, steps=50, **kw):
 @pytest.mark.parametrize(
     "adaptive, options",
     [(a, o) for a in (False, True) for o in ({}, {"m2_transport": "sqrt"}, {"perp_second_moment": "scalar"})]
-    + [(True, {"rank_tol": 0.05})],  # rank_tol needs a capacity
+    + [(True, {"tol": 0.05})],  # a group tol needs a capacity
 )
 def test_four_ulp_gradient_perturbation_stays_at_rounding_level(dtype, bound, adaptive, options):
     """Before the exact block structure: 0.36 of max|W| in float32 (1.5e-6 in float64, 2e-2

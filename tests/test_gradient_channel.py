@@ -52,7 +52,7 @@ def test_clipping_scales_the_whole_step(name, shape):
     none (m = r: U spans everything)."""
     layer, x, y = problem(shape=shape)
     ref = dense_reference(layer, x, y, 1.0, name, 0.5, 0.05)  # unclipped, for contrast
-    opt = DLRT([layer.weight], lr=0.5, integrator=name, rank_tol=0.05, model=layer)
+    opt = DLRT([layer.weight], lr=0.5, integrator=name, tol=0.05, model=layer)
     loss_of(layer, x, y).backward()
     total = torch.nn.utils.clip_grad_norm_([layer.weight], 1e-3)
     coef = float(1e-3 / (total + 1e-6))  # clip_grad_norm_'s own coefficient
@@ -66,7 +66,7 @@ def test_clipping_scales_the_whole_step(name, shape):
 def test_grad_scaler_unscales_and_skips_infs():
     layer, x, y = problem(1)
     ref = dense_reference(layer, x, y, 1.0, "abc-psi", 0.3, 0.1)
-    opt = DLRT([layer.weight, layer.bias], lr=0.3, rank_tol=0.1, model=layer)
+    opt = DLRT([layer.weight, layer.bias], lr=0.3, tol=0.1, model=layer)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     scaler.scale(loss_of(layer, x, y)).backward()
     scaler.step(opt)
@@ -85,8 +85,8 @@ def test_grad_scaler_unscales_and_skips_infs():
 def test_accumulation_over_micro_batches_equals_the_full_batch():
     layer, x, y = problem(2, batch=12)
     twin = copy.deepcopy(layer)
-    opt = DLRT(layer.parameters(), lr=0.4, rank_tol=0.05, model=layer)
-    opt_twin = DLRT(twin.parameters(), lr=0.4, rank_tol=0.05, model=twin)
+    opt = DLRT(layer.parameters(), lr=0.4, tol=0.05, model=layer)
+    opt_twin = DLRT(twin.parameters(), lr=0.4, tol=0.05, model=twin)
     for xs, ys in ((x[:6], y[:6]), (x[6:], y[6:])):
         (loss_of(layer, xs, ys) / 2).backward()
     opt.step()

@@ -44,18 +44,18 @@ def loss_fn(layer, x, y):
 
 
 OPTIMIZERS = {
-    "geometric-sgd": lambda layer, tol: GeometricSGD(layer.parameters(), lr=0.05, momentum=0.8, rank_tol=tol),
+    "geometric-sgd": lambda layer, tol: GeometricSGD(layer.parameters(), lr=0.05, momentum=0.8, tol=tol, fixed_rank=tol is None),
     # Adam's steps have size ~lr in every coefficient: its tolerance must sit above that
     # noise floor (1e-4 keeps spurious directions alive), hence 0.05 when adaptive.
     "geometric-adam": lambda layer, tol: GeometricAdam(
-        layer.parameters(), lr=0.01, rank_tol=None if tol is None else max(tol, 0.05)
+        layer.parameters(), lr=0.01, tol=None if tol is None else max(tol, 0.05), fixed_rank=tol is None
     ),
-    "abc-psi": lambda layer, tol: DLRT(layer.parameters(), lr=0.2, integrator="abc-psi", rank_tol=tol, model=layer),
+    "abc-psi": lambda layer, tol: DLRT(layer.parameters(), lr=0.2, integrator="abc-psi", tol=tol, fixed_rank=tol is None, model=layer),
     "augmented-bug": lambda layer, tol: DLRT(
-        layer.parameters(), lr=0.2, integrator="augmented-bug", rank_tol=tol, model=layer
+        layer.parameters(), lr=0.2, integrator="augmented-bug", tol=tol, fixed_rank=tol is None, model=layer
     ),
     "parallel-bug": lambda layer, tol: DLRT(
-        layer.parameters(), lr=0.2, integrator="parallel-bug", rank_tol=tol, model=layer
+        layer.parameters(), lr=0.2, integrator="parallel-bug", tol=tol, fixed_rank=tol is None, model=layer
     ),
 }
 
@@ -180,7 +180,7 @@ def test_dlrt_step_equals_integrator_step(cls, tol, padded):
     u0, s0, v0 = (t.detach().clone() for t in layer.manifold.unpack(layer.weight))
     name = {ABCPSI: "abc-psi", AugmentedBUG: "augmented-bug", ParallelBUG: "parallel-bug"}[cls]
     h = 0.37
-    opt = DLRT(layer.parameters(), lr=h, integrator=name, rank_tol=tol, model=layer)
+    opt = DLRT(layer.parameters(), lr=h, integrator=name, tol=tol, fixed_rank=tol is None, model=layer)
     opt.zero_grad()
     (layer(x) * c).sum().backward()
     opt.step()
@@ -219,7 +219,7 @@ def test_parallel_bug_and_geometric_sgd_equal_projected_gradient_step():
 
 
 def test_geometric_adam_step_is_tangent():
-    """With active rank 3 in capacity 6, X + xi (rank <= 6) fits: with rank_tol=0 the
+    """With active rank 3 in capacity 6, X + xi (rank <= 6) fits: with tol=0 the
     Adam step is X - lr * D exactly, and D must be tangent (no normal part), even with
     eps so small that rounding-level coefficients would become unit steps."""
     x, c, g = constant_gradient_setup()
@@ -233,7 +233,7 @@ def test_geometric_adam_step_is_tangent():
     mf = FixedRankManifold(M, N, CAP)
     x0 = layer.weight.detach().clone()
     lr = 1e-3
-    opt = GeometricAdam(layer.parameters(), lr=lr, eps=1e-30, rank_tol=0.0)
+    opt = GeometricAdam(layer.parameters(), lr=lr, eps=1e-30, tol=0.0)
     opt.zero_grad()
     (layer(x) * c).sum().backward()
     opt.step()
@@ -352,10 +352,10 @@ def make_opt(kind, net):
         {"params": [net.low.bias, *net.dense.parameters()], "lr": 0.01},
     ]
     if kind == "sgd":
-        return GeometricSGD(groups, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, rank_tol=0.5)
+        return GeometricSGD(groups, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, tol=0.5)
     if kind == "adam":
-        return GeometricAdam(groups, lr=0.02, weight_decay=1e-2, decoupled_weight_decay=True, rank_tol=0.5)
-    return DLRT(groups, lr=0.2, integrator="abc-psi", rank_tol=0.5, euclidean="adam", weight_decay=1e-3, model=net)
+        return GeometricAdam(groups, lr=0.02, weight_decay=1e-2, decoupled_weight_decay=True, tol=0.5)
+    return DLRT(groups, lr=0.2, integrator="abc-psi", tol=0.5, euclidean="adam", weight_decay=1e-3, model=net)
 
 
 def net_data():
@@ -448,8 +448,8 @@ def test_bad_hyperparameters_raise():
         lambda: GeometricSGD(ps(), lr=-1.0),
         lambda: GeometricSGD(ps(), lr=0.1, momentum=1.0),
         lambda: GeometricSGD(ps(), lr=0.1, momentum=0.0, nesterov=True),
-        lambda: GeometricSGD(ps(), lr=0.1, rank_tol=-0.1),
-        lambda: GeometricSGD(ps(), lr=0.1, rank_tol=float("nan")),
+        lambda: GeometricSGD(ps(), lr=0.1, tol=-0.1),
+        lambda: GeometricSGD(ps(), lr=0.1, tol=float("nan")),
         lambda: GeometricSGD(ps(), lr=0.1, min_rank=0),
         lambda: GeometricAdam(ps(), lr=0.1, betas=(1.0, 0.9)),
         lambda: GeometricAdam(ps(), lr=0.1, betas=(0.9,)),
@@ -493,7 +493,7 @@ def test_capacity_layer_from_constructor_reaches_planted_rank(name):
 
 
 @pytest.mark.parametrize("name", ["geometric-sgd", "geometric-adam", "parallel-bug"])
-def test_fixed_rank_layers_keep_their_rank_and_reject_rank_tol(name):
+def test_fixed_rank_layers_keep_their_rank_and_reject_tol(name):
     _, x, y = planted_problem()
     torch.manual_seed(6)
     layer = LowRankLinear(N, M, rank=4, bias=False, dtype=F64)  # no capacity
@@ -556,7 +556,7 @@ def test_dlrt_uses_the_recorded_conv_pair():
     (dense(x) * c).sum().backward()
     g = dense.weight.grad.reshape(6, -1)
     u0, s0, v0 = (t.detach().clone() for t in conv.manifold.unpack(conv.weight))
-    opt = DLRT(conv.parameters(), lr=0.3, integrator="abc-psi", rank_tol=0.1, model=conv)
+    opt = DLRT(conv.parameters(), lr=0.3, integrator="abc-psi", tol=0.1, model=conv)
     opt.zero_grad()
     (conv(x) * c).sum().backward()
     import warnings
@@ -648,8 +648,8 @@ def test_dlrt_takes_integrator_instances_as_their_names(cls):
     name = {ABCPSI: "abc-psi", AugmentedBUG: "augmented-bug", ParallelBUG: "parallel-bug"}[cls]
     _, x, y = planted_problem()
     layers = [make_layer(), make_layer()]
-    opts = [DLRT(layers[0].parameters(), lr=0.1, integrator=name, rank_tol=0.1, model=layers[0]),
-            DLRT(layers[1].parameters(), lr=0.1, integrator=cls(), rank_tol=0.1, model=layers[1])]
+    opts = [DLRT(layers[0].parameters(), lr=0.1, integrator=name, tol=0.1, model=layers[0]),
+            DLRT(layers[1].parameters(), lr=0.1, integrator=cls(), tol=0.1, model=layers[1])]
     assert opts[1].param_groups[0]["integrator"] == name  # stored by name: state_dict stays plain
     for layer, opt in zip(layers, opts):
         for _ in range(3):
@@ -661,3 +661,66 @@ def test_dlrt_takes_integrator_instances_as_their_names(cls):
         DLRT(make_layer().parameters(), lr=0.1, integrator=cls(truncation=Truncation(0.1, max_rank=CAP)))
     with pytest.raises(TypeError, match="integrator must be"):
         DLRT(make_layer().parameters(), lr=0.1, integrator=object())
+
+
+POLICY_OPTIMIZERS = {
+    "geometric-sgd": lambda ps, **kw: GeometricSGD(ps, lr=0.05, momentum=0.8, **kw),
+    "geometric-adam": lambda ps, **kw: GeometricAdam(ps, lr=0.01, **kw),
+    "dlrt": lambda ps, **kw: DLRT(ps, lr=0.2, integrator="augmented-bug", **kw),
+}
+
+
+def _layer_with_tol(tol, rank=2):
+    torch.manual_seed(3)
+    return LowRankLinear(N, M, rank=rank, bias=False, max_rank=CAP, tol=tol, dtype=F64)
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_OPTIMIZERS))
+def test_optimizers_truncate_by_the_weights_own_policy(name):
+    """One truncation policy per weight: an optimizer without a group ``tol`` truncates by the
+    layer's ``tol`` (the same steps, bitwise, as a group ``tol`` overriding a layer at 0), and
+    ``fixed_rank`` keeps the active rank."""
+    _, x, y = planted_problem()
+    runs = {}
+    for key, layer_tol, opts in (("layer", 0.3, {}), ("group", 0.0, {"tol": 0.3}), ("grow", 0.0, {}),
+                                 ("fixed", 0.3, {"fixed_rank": True})):
+        layer = _layer_with_tol(layer_tol)
+        opt = POLICY_OPTIMIZERS[name](layer.parameters(), **opts)
+        ranks = []
+        for _ in range(6):
+            opt.zero_grad()
+            loss_fn(layer, x, y).backward()
+            opt.step()
+            ranks.append(layer.active_rank)
+        runs[key] = (layer.weight.detach().clone(), ranks)
+    assert torch.equal(runs["layer"][0], runs["group"][0]) and runs["layer"][1] == runs["group"][1]
+    assert runs["fixed"][1] == [2] * 6
+    assert max(runs["grow"][1]) == CAP  # tol 0 keeps every non-zero direction: the rank grows to the capacity
+    assert runs["layer"][1] != runs["grow"][1]
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_OPTIMIZERS))
+def test_deprecated_truncation_names_and_old_checkpoints(name):
+    """``rank_tol`` / ``rank_relative`` (constructor and param groups) warn and mean ``tol`` /
+    ``relative``; an old checkpoint (``rank_tol=None`` then kept the active rank) loads as
+    ``fixed_rank=True``."""
+    layer = _layer_with_tol(0.0)
+    with pytest.warns(DeprecationWarning, match="rank_tol"):
+        opt = POLICY_OPTIMIZERS[name](layer.parameters(), rank_tol=0.2, rank_relative=False)
+    group = opt.param_groups[0]
+    assert group["tol"] == 0.2 and group["relative"] is False and "rank_tol" not in group
+    with pytest.warns(DeprecationWarning, match="rank_tol"):
+        opt = POLICY_OPTIMIZERS[name]([{"params": layer.parameters(), "rank_tol": 0.1}])
+    assert opt.param_groups[0]["tol"] == 0.1
+    with pytest.raises(TypeError, match="tol"), pytest.warns(DeprecationWarning):
+        POLICY_OPTIMIZERS[name](layer.parameters(), tol=0.1, rank_tol=0.1)
+    opt = POLICY_OPTIMIZERS[name](layer.parameters())
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["rank_tol"], g["rank_relative"] = g.pop("tol"), g.pop("relative")
+        del g["fixed_rank"]
+    with pytest.warns(DeprecationWarning, match="rank_tol"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["fixed_rank"] is True and opt.param_groups[0]["tol"] is None
+    with pytest.raises(ValueError, match="fixed_rank"):
+        POLICY_OPTIMIZERS[name](layer.parameters(), tol=0.1, fixed_rank=True)

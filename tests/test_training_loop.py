@@ -24,9 +24,9 @@ def make_model():
 
 def make_optimizer(kind, model):
     if kind == "geometric-adam":
-        return GeometricAdam(model.parameters(), lr=1e-2, rank_tol=0.05)
+        return GeometricAdam(model.parameters(), lr=1e-2, tol=0.05)
     if kind == "dlrt":
-        return DLRT(model.parameters(), lr=0.2, rank_tol=0.05, euclidean="adam", model=model)
+        return DLRT(model.parameters(), lr=0.2, tol=0.05, euclidean="adam", model=model)
     return geoopt.optim.RiemannianAdam(model.parameters(), lr=1e-2)
 
 

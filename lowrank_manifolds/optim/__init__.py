@@ -11,7 +11,8 @@
 What they share (the step loop, the finiteness checks, the truncation) is in ``_base``.
 """
 from ._base import is_lowrank_parameter
-from .dlrt import DLRT, INTEGRATORS
+from ..integrators import INTEGRATORS  # moved to lowrank_manifolds.integrators; kept here
+from .dlrt import DLRT
 from .geometric import GeometricAdam, GeometricSGD
 from .lora_pre import LoRAPreAdam
 from .recorder import GradientRecorder

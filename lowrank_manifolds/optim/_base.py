@@ -11,14 +11,18 @@ in the same instance:
   on a rank-adaptive manifold (layers built with ``max_rank=R``) the *active rank*
   ``r <= R`` is the number of non-zero columns of ``U`` (active columns first; the
   inactive columns of ``U``, ``V`` and rows/columns of ``S`` are exactly zero), and
-  ``rank_tol`` lets each step shrink or grow ``r`` inside the fixed shape, so ``copy_``,
-  optimizer states and ``state_dict`` never change shape, and stock geoopt optimizers
-  can take over the same weights. On a fixed-rank manifold (no ``max_rank``) the rank
-  stays ``manifold.rank`` (``rank_tol`` must then be ``None``). The optimizers' own
-  truncation tolerance is the group's ``rank_tol``, not the manifold's ``tol`` (which
-  governs geoopt's retractions).
-* *ordinary parameters* (biases, dense layers, norms): plain SGD with momentum or
-  Adam / AdamW, with the formulas of ``torch.optim.SGD`` / ``torch.optim.Adam``.
+  each step shrinks or grows ``r`` inside the fixed shape, so ``copy_``, optimizer
+  states and ``state_dict`` never change shape, and stock geoopt optimizers can take
+  over the same weights. On a fixed-rank manifold (no ``max_rank``) the rank stays
+  ``manifold.rank``.
+* *ordinary parameters* (biases, dense layers, norms): ``torch.optim.SGD`` or
+  ``torch.optim.Adam`` / ``AdamW``, through torch's own functional updates.
+
+Truncation: one policy per weight, its manifold's (:attr:`FixedRankManifold.truncation`:
+the ``tol`` given to the layer, relative, within ``[min_rank, max_rank]``), the one geoopt's
+retractions apply too. A param group may override it (``tol``, ``relative``, ``min_rank``;
+``None`` takes the manifold's value) or keep every weight at its current active rank
+(``fixed_rank=True``: the fixed-rank variant of each method).
 
 Notation: :math:`X = U S V^\top`, :math:`G = \partial L/\partial X` (never formed),
 autograd's gradient on the packed factors is :math:`dU = G V S^\top`,
@@ -34,6 +38,7 @@ import geoopt
 import torch
 from torch import Tensor
 
+from .._args import deprecated, nonneg, positive_int, renamed, unit_interval
 from .._linalg import mT, pinv_core
 from ..truncation import Truncation
 from ..manifold import FixedRankManifold
@@ -87,44 +92,77 @@ def _tolerance_policy(tol: float, relative: bool, min_rank: int, capacity: int) 
 
 
 def rank_policy(group: dict, mask: Tensor, manifold: FixedRankManifold) -> Tuple[Truncation, Optional[Tensor]]:
-    """``(policy, rank)`` for :func:`truncate` in a group: the manifold's own truncation at
-    fixed rank; with a capacity the group's ``rank_tol`` (``rank_relative``, ``min_rank``)
-    within it, or, with ``rank_tol=None``, the current active rank kept."""
-    tol = group["rank_tol"]
+    """``(policy, rank)`` for :func:`truncate` in a group: the manifold's truncation, with the
+    group's ``tol``, ``relative``, ``min_rank`` where they are set; with ``fixed_rank`` the
+    current active rank (``mask`` counts it)."""
+    t = manifold.truncation
     if not manifold.adaptive:
-        return manifold.truncation, None
-    if tol is None:
-        return manifold.truncation, mask.sum(-1)
-    return _tolerance_policy(float(tol), bool(group["rank_relative"]), int(group["min_rank"]), manifold.capacity), None
+        return t, None
+    if group["fixed_rank"]:
+        return t, mask.sum(-1)
+    tol, relative, min_rank = group["tol"], group["relative"], group["min_rank"]
+    if tol is None and relative is None and min_rank is None:
+        return t, None
+    return _tolerance_policy(
+        t.tol if tol is None else float(tol),
+        t.relative if relative is None else bool(relative),
+        t.min_rank if min_rank is None else int(min_rank),
+        manifold.capacity,
+    ), None
+
+
+#: The truncation options of a param group; ``rank_tol`` and ``rank_relative`` are their
+#: deprecated names.
+_RENAMED_OPTIONS = {"rank_tol": "tol", "rank_relative": "relative"}
+
+
+def truncation_options(where: str, tol, relative, min_rank, fixed_rank, rank_tol, rank_relative) -> dict:
+    """The truncation options of an optimizer's defaults (deprecated spellings mapped)."""
+    return dict(
+        tol=renamed("rank_tol", rank_tol, "tol", tol, where),
+        relative=renamed("rank_relative", rank_relative, "relative", relative, where),
+        min_rank=min_rank,
+        fixed_rank=fixed_rank,
+    )
+
+
+def _rename_group_options(group: dict, where: str) -> dict:
+    """A param group (given by a user, or from an old checkpoint) with the deprecated option
+    names replaced by the current ones."""
+    old = [k for k in _RENAMED_OPTIONS if k in group]
+    if not old:
+        return group
+    deprecated(f"{where}: the param group options {old} are deprecated, use "
+               f"{[_RENAMED_OPTIONS[k] for k in old]}", stacklevel=4)
+    group = dict(group)
+    for k in old:
+        if _RENAMED_OPTIONS[k] in group and group[_RENAMED_OPTIONS[k]] is not None:
+            raise TypeError(f"{where}: a param group sets both {k} and {_RENAMED_OPTIONS[k]}")
+        group[_RENAMED_OPTIONS[k]] = group.pop(k)
+    return group
 
 
 # ---------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------
-def check_nonneg(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_unit(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_rank_args(rank_tol, min_rank) -> None:
-    if rank_tol is not None:
-        check_nonneg(rank_tol, "rank_tol")
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
+def check_truncation_options(group: dict) -> None:
+    if group["tol"] is not None:
+        nonneg(group["tol"], "tol")
+    if group["relative"] is not None and not isinstance(group["relative"], bool):
+        raise TypeError(f"relative must be None or a bool, got {group['relative']!r}")
+    if group["min_rank"] is not None:
+        positive_int(group["min_rank"], "min_rank")
+    if not isinstance(group["fixed_rank"], bool):
+        raise TypeError(f"fixed_rank must be a bool, got {group['fixed_rank']!r}")
+    if group["fixed_rank"] and (group["tol"] is not None or group["min_rank"] is not None):
+        raise ValueError("fixed_rank=True keeps each weight's active rank: it takes no tol or min_rank")
 
 
 def check_betas(betas) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_unit(betas[0], "betas[0]")
-    check_unit(betas[1], "betas[1]")
+    unit_interval(betas[0], "betas[0]")
+    unit_interval(betas[1], "betas[1]")
 
 
 # ---------------------------------------------------------------------------
@@ -191,7 +229,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             cls.step = torch.compiler.disable(cls.__dict__["step"])
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        super().add_param_group(_rename_group_options(param_group, type(self).__name__))
         group = self.param_groups[-1]
         self._check_group(group)
         for p in group["params"]:
@@ -206,18 +244,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if (
                 isinstance(manifold, FixedRankManifold)
                 and not manifold.adaptive
-                and group["rank_tol"] is not None
+                and group["tol"] is not None
             ):
                 raise ValueError(
-                    f"rank_tol={group['rank_tol']} makes the rank adaptive, but a weight lives on the "
+                    f"tol={group['tol']} makes the rank adaptive, but a weight lives on the "
                     f"fixed-rank {manifold}: build its layer with a capacity (max_rank=...) or "
-                    "put it in a group with rank_tol=None"
+                    "put it in a group with tol=None"
                 )
 
     def _check_group(self, group: dict) -> None:
-        check_nonneg(group["lr"], "lr")
-        check_nonneg(group["weight_decay"], "weight_decay")
-        check_rank_args(group["rank_tol"], group["min_rank"])
+        nonneg(group["lr"], "lr")
+        nonneg(group["weight_decay"], "weight_decay")
+        check_truncation_options(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -228,7 +266,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
         tensor is finite (a ``ValueError`` names the parameter and the state key)."""
         check_finite_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
+        groups = [_rename_group_options(g, type(self).__name__) for g in state_dict["param_groups"]]
+        for g in groups:
+            if "fixed_rank" not in g:  # an older checkpoint: its rank_tol=None kept the active rank
+                g["fixed_rank"] = g.get("tol") is None
+        super().load_state_dict({**state_dict, "param_groups": groups})
 
     @torch.compiler.disable
     @torch.no_grad()

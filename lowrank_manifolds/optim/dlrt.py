@@ -18,53 +18,53 @@ import torch
 from torch import Tensor, nn
 
 from .._linalg import cat_last, mT, pinv_core
-from ..integrators import ABCPSI, AugmentedBUG, MatrixField, ParallelBUG, TangentField
+from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
     LowRankOptimizer,
     active_mask,
     adam_update,
     check_betas,
-    check_nonneg,
-    check_unit,
+
     is_lowrank_parameter,
     rank_policy,
     riemannian_parts,
     sgd_update,
     truncate,
+    truncation_options,
 )
+from .._args import nonneg, unit_interval
 from .recorder import GradientRecorder
 
-__all__ = ["DLRT", "INTEGRATORS"]
+__all__ = ["DLRT"]
 
-#: Integrator names accepted by :class:`DLRT` (``integrator=``, also as instances).
-INTEGRATORS = {
-    "abc-psi": ABCPSI,
-    "augmented-bug": AugmentedBUG,
-    "parallel-bug": ParallelBUG,
-}
+#: The integrators DLRT runs (names of :data:`~lowrank_manifolds.integrators.INTEGRATORS`):
+#: the rank-adaptive ones that need the field at the current point only.
+_SUPPORTED = ("abc-psi", "augmented-bug", "parallel-bug")
 # One stateless instance per integrator, shared by every group and step (DLRT applies the
 # weights' truncation itself, so the instances hold none).
-_INSTANCES = {name: cls() for name, cls in INTEGRATORS.items()}
+_INSTANCES = {name: INTEGRATORS[name]() for name in _SUPPORTED}
 
 
 def _integrator_name(integrator) -> str:
-    """The registry name of ``integrator``: a name of :data:`INTEGRATORS`, or an instance of
-    one of its classes without a truncation of its own (DLRT truncates by the group)."""
+    """The registry name of ``integrator``: a supported name of :data:`INTEGRATORS`, or an
+    instance of one of those classes without a truncation of its own (DLRT truncates by the
+    weights' policy)."""
     if isinstance(integrator, str):
-        if integrator not in INTEGRATORS:
-            raise ValueError(f"integrator must be one of {sorted(INTEGRATORS)} or an instance, got {integrator!r}")
+        if integrator not in _SUPPORTED:
+            raise ValueError(f"integrator must be one of {list(_SUPPORTED)} or an instance, got {integrator!r}")
         return integrator
-    for name, cls in INTEGRATORS.items():
+    for name in _SUPPORTED:
+        cls = INTEGRATORS[name]
         if type(integrator) is cls:
             if integrator.truncation is not None:
                 raise ValueError(
-                    f"DLRT truncates by its groups' rank_tol, rank_relative and min_rank; pass {cls.__name__}() "
+                    f"DLRT truncates by its weights' policy (or its groups' tol, relative, min_rank); pass {cls.__name__}() "
                     f"without a truncation (got {integrator!r})"
                 )
             return name
     raise TypeError(
-        f"integrator must be one of {sorted(INTEGRATORS)} or an instance of "
-        f"{', '.join(c.__name__ for c in INTEGRATORS.values())}, got {type(integrator).__name__}"
+        f"integrator must be one of {list(_SUPPORTED)} or an instance of "
+        f"{', '.join(INTEGRATORS[k].__name__ for k in _SUPPORTED)}, got {type(integrator).__name__}"
     )
 
 
@@ -74,7 +74,7 @@ class DLRT(LowRankOptimizer):
     For each low-rank weight, one step of size ``h = lr`` of a rank-adaptive DLRA
     integrator for the gradient flow :math:`\dot W = F(W) = -(G + \lambda W)`
     (``G`` the minibatch gradient, :math:`\lambda` = ``weight_decay``), from the current
-    factors, followed by the truncation (``rank_tol``, capacity ``R``, zero padded).
+    factors, followed by the truncation (the weight's policy, capacity ``R``, zero padded).
 
     Integrators (``integrator=``; per group):
 
@@ -158,10 +158,12 @@ class DLRT(LowRankOptimizer):
     lr : float
         Step size ``h`` of the integrator (and learning rate of ordinary parameters).
     integrator : {"abc-psi", "augmented-bug", "parallel-bug"} or an instance
-        A name of :data:`INTEGRATORS` or an instance of its classes (``ABCPSI()``, ...,
+        A name of :data:`~lowrank_manifolds.integrators.INTEGRATORS` or an instance of its classes (``ABCPSI()``, ...,
         without a truncation: DLRT applies the group's); stored in the group as the name.
-    rank_tol, rank_relative, min_rank
-        Truncation (as :class:`GeometricSGD`); ``rank_tol=None`` keeps the active rank.
+    tol, relative, min_rank, fixed_rank
+        Truncation, as :class:`GeometricSGD` (the weights' own by default).
+    rank_tol, rank_relative
+        Deprecated names of ``tol`` and ``relative``.
     weight_decay : float
         Added to the field (low-rank) and as L2 / decoupled (ordinary parameters).
     euclidean : {"sgd", "adam", "adamw"}
@@ -181,9 +183,12 @@ class DLRT(LowRankOptimizer):
         lr: float,
         integrator="abc-psi",
         *,
+        tol: Optional[float] = None,
+        relative: Optional[bool] = None,
+        min_rank: Optional[int] = None,
+        fixed_rank: bool = False,
         rank_tol: Optional[float] = None,
-        rank_relative: bool = True,
-        min_rank: int = 1,
+        rank_relative: Optional[bool] = None,
         weight_decay: float = 0.0,
         euclidean: str = "sgd",
         momentum: float = 0.0,
@@ -195,9 +200,7 @@ class DLRT(LowRankOptimizer):
         defaults = dict(
             lr=lr,
             integrator=integrator,
-            rank_tol=rank_tol,
-            rank_relative=rank_relative,
-            min_rank=min_rank,
+            **truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, rank_tol, rank_relative),
             weight_decay=weight_decay,
             euclidean=euclidean,
             momentum=momentum,
@@ -210,7 +213,7 @@ class DLRT(LowRankOptimizer):
             self._process_group = model.process_group
             model = model.module
         self._recorder = GradientRecorder(model) if model is not None else None
-        self._grad_rtol = None if grad_rtol is None else check_nonneg(grad_rtol, "grad_rtol")
+        self._grad_rtol = None if grad_rtol is None else nonneg(grad_rtol, "grad_rtol")
         self._fields: Dict[int, MatrixField] = {}
         self._warned = False
 
@@ -238,9 +241,9 @@ class DLRT(LowRankOptimizer):
         group["integrator"] = _integrator_name(group["integrator"])
         if group["euclidean"] not in ("sgd", "adam", "adamw"):
             raise ValueError(f"euclidean must be 'sgd', 'adam' or 'adamw', got {group['euclidean']!r}")
-        check_unit(group["momentum"], "momentum")
+        unit_interval(group["momentum"], "momentum")
         check_betas(group["betas"])
-        check_nonneg(group["eps"], "eps")
+        nonneg(group["eps"], "eps")
 
     def _euclidean_step(self, p, grad, group, state):
         if group["euclidean"] == "sgd":

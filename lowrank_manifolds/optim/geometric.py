@@ -24,7 +24,7 @@ for momentum-based optimizers for low-rank training" (NeurIPS 2025). One step:
    :math:`\hat S = \hat S_0 - \eta D`.
 5. Truncation :math:`\hat S = P \operatorname{diag}(s) Q^\top`, new rank
    :math:`r_1` (fixed: the current active rank; or by the tolerance
-   ``rank_tol``, :func:`~lowrank_manifolds.integrators.truncation_rank`),
+   the weight's truncation, :func:`~lowrank_manifolds.integrators.truncation_rank`),
    :math:`U_1 = \hat U P_{r_1}`, :math:`S_1 = \operatorname{diag}(s_{:r_1})`,
    :math:`V_1 = \hat V Q_{r_1}`, and :math:`m_1 \to P_{r_1}^\top m_1 Q_{r_1}`,
    :math:`m_2 \to (P_{r_1}^{\circ 2})^\top m_2\, Q_{r_1}^{\circ 2}` (see
@@ -55,13 +55,13 @@ from ._base import (
     LowRankOptimizer,
     adam_update,
     check_betas,
-    check_nonneg,
-    check_unit,
     rank_policy,
     riemannian_parts,
     sgd_update,
     truncate,
+    truncation_options,
 )
+from .._args import nonneg, unit_interval
 
 __all__ = ["GeometricSGD", "GeometricAdam"]
 
@@ -159,13 +159,14 @@ class GeometricSGD(LowRankOptimizer):
     weight_decay : float
         Adds ``weight_decay * W`` to the gradient (for low-rank weights: to the
         coefficients, i.e. the Riemannian gradient of :math:`\tfrac{\lambda}{2}\|W\|_F^2`).
-    rank_tol : float or None
-        ``None``: keep each weight's active rank. A number: truncate the augmented
-        core by this tolerance (rank adaptive, at most the capacity ``R``).
-    rank_relative : bool
-        Relative (default, the training codes') or absolute tolerance.
-    min_rank : int
-        Lower bound of the adaptive rank.
+    tol, relative, min_rank : optional
+        Override the weights' own truncation (their manifold's ``tol``, ``relative``,
+        ``min_rank``; ``None``, the default, keeps each): the augmented core is truncated
+        by this tolerance, within the capacity ``R`` (rank-adaptive weights only).
+    fixed_rank : bool
+        Keep each rank-adaptive weight at its current active rank (the fixed-rank method).
+    rank_tol, rank_relative
+        Deprecated names of ``tol`` and ``relative``.
 
     Cost per step and low-rank weight: one forward + one backward pass (for the whole
     model), two QRs (``m x 2R``, ``n x 2R``), one ``2R x 2R`` SVD, two ``R x R`` solves;
@@ -181,9 +182,12 @@ class GeometricSGD(LowRankOptimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         *,
+        tol: Optional[float] = None,
+        relative: Optional[bool] = None,
+        min_rank: Optional[int] = None,
+        fixed_rank: bool = False,
         rank_tol: Optional[float] = None,
-        rank_relative: bool = True,
-        min_rank: int = 1,
+        rank_relative: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -191,16 +195,14 @@ class GeometricSGD(LowRankOptimizer):
             dampening=dampening,
             nesterov=nesterov,
             weight_decay=weight_decay,
-            rank_tol=rank_tol,
-            rank_relative=rank_relative,
-            min_rank=min_rank,
+            **truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, rank_tol, rank_relative),
         )
         super().__init__(params, defaults)
 
     def _check_group(self, group):
         super()._check_group(group)
-        check_unit(group["momentum"], "momentum")
-        check_nonneg(group["dampening"], "dampening")
+        unit_interval(group["momentum"], "momentum")
+        nonneg(group["dampening"], "dampening")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires momentum > 0 and dampening = 0")
 
@@ -252,8 +254,8 @@ class GeometricAdam(LowRankOptimizer):
     decoupled_weight_decay : bool
         ``False``: L2 (added to the gradient, as ``Adam``). ``True``: AdamW, the weight
         is scaled by ``1 - lr * weight_decay`` (for low-rank weights: ``S`` is).
-    rank_tol, rank_relative, min_rank
-        As :class:`GeometricSGD`.
+    tol, relative, min_rank, fixed_rank
+        As :class:`GeometricSGD` (the weights' own truncation by default).
     perp_second_moment : {"entrywise", "scalar"}
         ``"entrywise"`` (default, the paper's): entrywise second moment in all blocks.
         ``"scalar"``: one scalar second moment for each basis-rotation block (``Up``,
@@ -290,9 +292,12 @@ class GeometricAdam(LowRankOptimizer):
         weight_decay: float = 0.0,
         *,
         decoupled_weight_decay: bool = False,
+        tol: Optional[float] = None,
+        relative: Optional[bool] = None,
+        min_rank: Optional[int] = None,
+        fixed_rank: bool = False,
         rank_tol: Optional[float] = None,
-        rank_relative: bool = True,
-        min_rank: int = 1,
+        rank_relative: Optional[bool] = None,
         m2_transport: str = "squared",
         perp_second_moment: str = "entrywise",
     ):
@@ -304,16 +309,14 @@ class GeometricAdam(LowRankOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             m2_transport=m2_transport,
             perp_second_moment=perp_second_moment,
-            rank_tol=rank_tol,
-            rank_relative=rank_relative,
-            min_rank=min_rank,
+            **truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, rank_tol, rank_relative),
         )
         super().__init__(params, defaults)
 
     def _check_group(self, group):
         super()._check_group(group)
         check_betas(group["betas"])
-        check_nonneg(group["eps"], "eps")
+        nonneg(group["eps"], "eps")
         group.setdefault("m2_transport", "squared")
         if group["m2_transport"] not in ("sqrt", "squared"):
             raise ValueError(f"m2_transport must be 'sqrt' or 'squared', got {group['m2_transport']!r}")
