@@ -215,6 +215,22 @@ def test_lowrank_state_save_and_load_bit_identically(tmp_path):
     assert not torch.equal(logits(without, x), out)
 
 
+def test_convolution_state_save_and_load(tmp_path):
+    pytest.importorskip("safetensors")
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2), nn.Flatten())
+
+    model = convert_to_low_rank(build(), rank=4, max_rank=6, tol=0.05)
+    with torch.no_grad():
+        model[2].weight.mul_(torch.linspace(0.5, 1.5, model[2].weight.shape[0]).unsqueeze(-1))
+    x = torch.randn(2, 3, 9, 9)
+    save_lowrank(model, tmp_path)
+    fresh = load_lowrank(build(), tmp_path)
+    assert type(fresh[0]).__name__ == "LowRankConv2d" and torch.equal(fresh(x), model(x))
+
+
 def _saved(model, tmp_path, extra):
     path = tmp_path / f"state-{extra}.safetensors"
     save_lowrank(model, path, extra=extra)

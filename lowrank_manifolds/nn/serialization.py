@@ -98,7 +98,7 @@ def _layer_spec(layer: nn.Module) -> Dict[str, Any]:
     mf = layer.manifold
     spec: Dict[str, Any] = {
         "class": type(layer).__name__,
-        "origin": type_name(origin_type(layer)),
+        "origin": type_name(nn.Conv2d if isinstance(layer, LowRankConv2d) else origin_type(layer)),
         "m": mf.m,
         "n": mf.n,
         "rank": mf.rank,
@@ -175,8 +175,9 @@ def lowrank_state_dict(model: nn.Module, extra: str = "trainable") -> Tuple[Dict
 
 def save_lowrank(model: nn.Module, path: Union[str, os.PathLike], extra: str = "trainable",
                  metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write :func:`lowrank_state_dict` to a ``safetensors`` file (needs ``safetensors``); a
-    directory ``path`` gets ``lowrank.safetensors`` inside. ``metadata``: more string pairs."""
+    """Write :func:`lowrank_state_dict` to a ``safetensors`` file (needs ``safetensors``): ``path``
+    itself if it ends in ``.safetensors``, else ``path/lowrank.safetensors`` (the folder is
+    created). ``metadata``: more string pairs for the file's header."""
     from safetensors.torch import save_file
 
     tensors, meta = lowrank_state_dict(model, extra)
@@ -187,11 +188,14 @@ def save_lowrank(model: nn.Module, path: Union[str, os.PathLike], extra: str = "
 
 
 def _file(path, create: bool = False) -> str:
+    """A path ending in ``.safetensors`` is the file; any other is a folder holding
+    ``lowrank.safetensors`` (created when saving)."""
     path = os.fspath(path)
-    if os.path.isdir(path) or (create and path.endswith(os.sep)):
+    if path.endswith(".safetensors"):
+        return path
+    if create:
         os.makedirs(path, exist_ok=True)
-        return os.path.join(path, "lowrank.safetensors")
-    return path
+    return os.path.join(path, "lowrank.safetensors")
 
 
 # ------------------------------------------------------------------ loading
