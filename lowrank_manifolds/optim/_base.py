@@ -31,12 +31,13 @@ autograd's gradient on the packed factors is :math:`dU = G V S^\top`,
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Tuple
 
 import geoopt
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as torch_adam
+from torch.optim.sgd import sgd as torch_sgd
 
 from .._args import deprecated, nonneg, positive_int, renamed, unit_interval
 from .._linalg import mT, pinv_core
@@ -166,38 +167,31 @@ def check_betas(betas) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Euclidean updates (formulas of torch.optim.SGD / torch.optim.Adam(W))
+# ordinary parameters: torch's own functional SGD / Adam(W)
 # ---------------------------------------------------------------------------
 def sgd_update(p: Tensor, g: Tensor, state: dict, lr, momentum, dampening, nesterov, weight_decay) -> None:
-    if weight_decay:
-        g = g.add(p, alpha=weight_decay)
+    """One ``torch.optim.SGD`` step of an ordinary parameter (torch's functional ``sgd``)."""
+    bufs = [state.get("momentum_buffer")]
+    torch_sgd([p], [g], bufs, foreach=False, weight_decay=weight_decay, momentum=momentum, lr=lr,
+                        dampening=dampening, nesterov=nesterov, maximize=False)
     if momentum:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = g.clone()
-        else:
-            buf.mul_(momentum).add_(g, alpha=1 - dampening)
-        g = g.add(buf, alpha=momentum) if nesterov else buf
-    p.add_(g, alpha=-lr)
+        state["momentum_buffer"] = bufs[0]
 
 
 def adam_update(p: Tensor, g: Tensor, state: dict, lr, betas, eps, weight_decay, decoupled) -> None:
+    """One ``torch.optim.Adam`` (``decoupled``: ``AdamW``) step of an ordinary parameter
+    (torch's functional ``adam``); the state is torch's (``step`` a CPU scalar tensor)."""
     if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
-    if weight_decay:
-        if decoupled:
-            p.mul_(1 - lr * weight_decay)
-        else:
-            g = g.add(p, alpha=weight_decay)
-    b1, b2 = betas
-    state["step"] += 1
-    step = state["step"]
-    state["exp_avg"].lerp_(g, 1 - b1)
-    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**step)).add_(eps)
-    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**step))
+        state["step"] = torch.zeros((), dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    elif not torch.is_tensor(state["step"]):  # a checkpoint of an earlier version: an int
+        state["step"] = torch.tensor(float(state["step"]))
+    torch_adam(
+        [p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], foreach=False,
+        decoupled_weight_decay=decoupled, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
+        weight_decay=weight_decay, eps=eps, maximize=False,
+    )
 
 
 # ---------------------------------------------------------------------------
