@@ -207,13 +207,13 @@ class FixedRankManifold(Manifold):
             mm = mm * mask.unsqueeze(-1) * mask.unsqueeze(-2)
         return cat_rows(up, mm, vp)
 
-    def invertible_core(self, u: Tensor, s: Tensor) -> Tensor:
-        """``S`` with ones on the inactive diagonal (``U`` tells which columns are active),
-        so that a solve or pseudo-inverse acts on the active block as on the padded ``S``;
-        ``S`` itself at fixed rank."""
+    def invertible_core(self, u: Tensor, s: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``S`` with ones on the inactive diagonal (``U``, or its :meth:`active_mask` if
+        given, tells which columns are active), so that a solve or pseudo-inverse acts on the
+        active block as on the padded ``S``; ``S`` itself at fixed rank."""
         if not self.adaptive:
             return s
-        return s + torch.diag_embed(1 - self.active_mask(u))
+        return s + torch.diag_embed(1 - (self.active_mask(u) if mask is None else mask))
 
     # ------------------------------------------------------------------ checks
     def _check_packed(self, t: Tensor, name: str) -> None:
@@ -287,12 +287,15 @@ class FixedRankManifold(Manifold):
         return True, None
 
     # ---------------------------------------------------------------- packing
-    def unpack(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def unpack(self, x: Tensor, *, check: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
         """Split a packed tensor into its row blocks ``(U, S, V)`` (views, no copy).
 
-        For a tangent vector the blocks are ``(Up, M, Vp)``.
+        For a tangent vector the blocks are ``(Up, M, Vp)``. ``check=False`` skips the shape
+        check, for callers that checked it once at their boundary (the optimizers, when a
+        parameter joins a group; torch checks that a ``.grad`` has its parameter's shape).
         """
-        self._check_packed(x, "x")
+        if check:
+            self._check_packed(x, "x")
         m, r = self.m, self.capacity
         return x[..., :m, :], x[..., m : m + r, :], x[..., m + r :, :]
 

@@ -726,3 +726,45 @@ def test_deprecated_truncation_names_and_old_checkpoints(name):
     assert opt.param_groups[0]["fixed_rank"] is True and opt.param_groups[0]["tol"] is None
     with pytest.raises(ValueError, match="fixed_rank"):
         POLICY_OPTIMIZERS[name](layer.parameters(), tol=0.1, fixed_rank=True)
+
+
+@pytest.mark.filterwarnings("ignore:DLRT. no recorded")
+@pytest.mark.parametrize("name", ["dlrt-recorded", "dlrt", "geometric-adam", "geometric-sgd"])
+def test_one_step_checks_shapes_once_and_computes_each_mask_once(name, monkeypatch):
+    """The hot path: no packed-shape check in a step (done once when the weight joins a
+    group), one active-mask computation per weight, no integrator built, one field check."""
+    from lowrank_manifolds.integrators import RankAdaptiveIntegrator, base
+
+    counts = {"shape": 0, "mask": 0, "field": 0, "integrator": 0}
+
+    def counting(key, fn):
+        def wrapped(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(FixedRankManifold, "_check_packed", counting("shape", FixedRankManifold._check_packed))
+    monkeypatch.setattr(FixedRankManifold, "active_mask", counting("mask", FixedRankManifold.active_mask))
+    monkeypatch.setattr(base, "check_ambient", counting("field", base.check_ambient))
+    monkeypatch.setattr(RankAdaptiveIntegrator, "__init__", counting("integrator", RankAdaptiveIntegrator.__init__))
+    _, x, y = planted_problem()
+    layers = [_layer_with_tol(0.1), _layer_with_tol(0.1, rank=3)]
+    model = nn.Sequential(*layers)
+    params = list(model.parameters())
+    opt = {
+        "dlrt-recorded": lambda: DLRT(params, lr=0.1, model=model),
+        "dlrt": lambda: DLRT(params, lr=0.1),
+        "geometric-adam": lambda: GeometricAdam(params, lr=1e-2),
+        "geometric-sgd": lambda: GeometricSGD(params, lr=1e-2),
+    }[name]()
+    assert counts["shape"] == 2  # once per weight, at add_param_group
+    lin = nn.Linear(M, N, bias=False, dtype=F64)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(lambda t: layers[1](lin(layers[0](t))), x, y).backward()
+        for key in counts:
+            counts[key] = 0
+        opt.step()
+        assert counts["shape"] == 0 and counts["integrator"] == 0
+        assert counts["mask"] == len(layers)
+        assert counts["field"] == (len(layers) if name.startswith("dlrt") else 0)

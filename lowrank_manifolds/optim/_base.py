@@ -57,24 +57,22 @@ def is_lowrank_parameter(p) -> bool:
     return isinstance(getattr(p, "manifold", None), FixedRankManifold)
 
 
-def active_mask(u: Tensor, manifold: FixedRankManifold) -> Tensor:
-    """Boolean ``(..., R)``: the active (leading, non-zero) columns of ``U``. No host sync."""
-    return manifold.active_mask(u) > 0
-
-
 def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
-    r"""``(U, S, V, mask, dS, GV, GtU)`` with ``GV``, ``GtU`` the products :math:`GV`,
-    :math:`G^\top U` recovered from autograd's ``dU = G V S^T``, ``dV = G^T U S`` with the
-    pseudo-inverse of the manifold's invertible core (``S`` itself at fixed rank; with a
-    capacity, ``S`` plus ones on the inactive diagonal), singular values below the
-    manifold's threshold treated as zero: the convention of
+    r"""``(U, S, V, mask, dS, GV, GtU)`` with ``mask`` the 0/1 active columns
+    (:meth:`FixedRankManifold.active_mask`, computed once here) and ``GV``, ``GtU`` the
+    products :math:`GV`, :math:`G^\top U` recovered from autograd's ``dU = G V S^T``,
+    ``dV = G^T U S`` with the pseudo-inverse of the manifold's invertible core (``S`` itself
+    at fixed rank; with a capacity, ``S`` plus ones on the inactive diagonal), singular values
+    below the manifold's threshold treated as zero: the convention of
     :meth:`FixedRankManifold.egrad2rgrad`, so that an exactly zero singular value gives a
-    finite step (its ``dS`` part can grow it back) instead of a singular solve."""
-    u, s, v = manifold.unpack(p)
-    du, ds, dv = manifold.unpack(grad)
-    s_inv = pinv_core(manifold.invertible_core(u, s), manifold.pinv_rtol(s.dtype))
+    finite step (its ``dS`` part can grow it back) instead of a singular solve. The packed
+    shapes were checked when ``p`` joined its group."""
+    u, s, v = manifold.unpack(p, check=False)
+    du, ds, dv = manifold.unpack(grad, check=False)
+    mask = manifold.active_mask(u)
+    s_inv = pinv_core(manifold.invertible_core(u, s, mask), manifold.pinv_rtol(s.dtype))
     gv, gtu = du @ mT(s_inv), dv @ s_inv  # dU S^{+T}, dV S^{+}
-    return u, s, v, active_mask(u, manifold), ds, gv, gtu
+    return u, s, v, mask, ds, gv, gtu
 
 
 def truncate(uh: Tensor, sh: Tensor, vh: Tensor, policy: Truncation, rank: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
@@ -95,12 +93,12 @@ def _tolerance_policy(tol: float, relative: bool, min_rank: int, capacity: int) 
 def rank_policy(group: dict, mask: Tensor, manifold: FixedRankManifold) -> Tuple[Truncation, Optional[Tensor]]:
     """``(policy, rank)`` for :func:`truncate` in a group: the manifold's truncation, with the
     group's ``tol``, ``relative``, ``min_rank`` where they are set; with ``fixed_rank`` the
-    current active rank (``mask`` counts it)."""
+    current active rank (the 0/1 ``mask`` of the active columns counts it)."""
     t = manifold.truncation
     if not manifold.adaptive:
         return t, None
     if group["fixed_rank"]:
-        return t, mask.sum(-1)
+        return t, mask.sum(-1).to(torch.int64)
     tol, relative, min_rank = group["tol"], group["relative"], group["min_rank"]
     if tol is None and relative is None and min_rank is None:
         return t, None
@@ -235,6 +233,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} handles FixedRankManifold weights and Euclidean "
                     f"parameters; got a parameter on {manifold}: use geoopt's optimizers for it"
                 )
+            if isinstance(manifold, FixedRankManifold):
+                manifold._check_packed(p, "a low-rank weight")  # once here, not in every step
             if (
                 isinstance(manifold, FixedRankManifold)
                 and not manifold.adaptive

@@ -21,7 +21,6 @@ from .._linalg import cat_last, mT, pinv_core
 from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
     LowRankOptimizer,
-    active_mask,
     adam_update,
     check_betas,
 
@@ -215,6 +214,7 @@ class DLRT(LowRankOptimizer):
         self._recorder = GradientRecorder(model) if model is not None else None
         self._grad_rtol = None if grad_rtol is None else nonneg(grad_rtol, "grad_rtol")
         self._fields: Dict[int, MatrixField] = {}
+        self._active: Dict[int, Tuple[Tensor, int]] = {}  # per step: mask and width of each weight
         self._warned = False
 
     def __getstate__(self):
@@ -229,7 +229,7 @@ class DLRT(LowRankOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._fields = {}
+        self._fields, self._active = {}, {}
 
     @property
     def recorder(self) -> Optional[GradientRecorder]:
@@ -269,7 +269,7 @@ class DLRT(LowRankOptimizer):
             self._fields = self._recorded_fields()
             super().step()
         finally:
-            self._fields = {}
+            self._fields, self._active = {}, {}
         return loss
 
     def _recorded_fields(self) -> Dict[int, MatrixField]:
@@ -285,7 +285,8 @@ class DLRT(LowRankOptimizer):
                 pair = self._recorder.pair(p)
                 if pair is None:
                     continue
-                fields[id(p)], residual = self._reconciled_field(p, p.grad, pair, group["weight_decay"])
+                field, residual = self._reconciled_field(p, p.grad, pair, group["weight_decay"])
+                fields[id(p)] = field
                 checks.append((p, residual))
         if checks:
             # NaN compares False: a non-finite gradient is left to the finiteness check.
@@ -308,9 +309,9 @@ class DLRT(LowRankOptimizer):
         relative residual of :math:`p.grad \approx c \nabla_{rec}` divided by the
         tolerance (a 0-d tensor; > 1 means refused). See the class docstring."""
         manifold = p.manifold
-        r = self._active_width(p)
-        u, s, v = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(p)))
-        du, ds, dv = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(grad)))
+        r = self._active_of(p)[1]
+        u, s, v = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(p, check=False)))
+        du, ds, dv = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(grad, check=False)))
         a, b = pair
         # the tangent part from p.grad
         s_inv = pinv_core(s, manifold.pinv_rtol(s.dtype))  # as egrad2rgrad: a zero s_i freezes nothing
@@ -352,14 +353,19 @@ class DLRT(LowRankOptimizer):
         flat /= dist.get_world_size(self._process_group)
         return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
 
-    @staticmethod
-    def _active_width(p: Tensor) -> int:
-        """The largest active rank of ``p`` (a host sync with a capacity; the integrators
-        take unpadded factors, active columns first), the rank at fixed rank (no sync)."""
+    def _active_of(self, p: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, int]:
+        """``(mask, r)``: the 0/1 active columns of ``p`` (``mask`` if given) and its largest
+        active rank ``r`` (the integrators take unpadded factors, active columns first), once
+        per weight and step: at fixed rank the rank (no sync), with a capacity one host sync."""
+        cached = self._active.get(id(p))
+        if cached is not None:
+            return cached
         manifold = p.manifold
-        if not manifold.adaptive:
-            return manifold.capacity
-        return max(int(manifold.active_rank(p).max()), 1)
+        if mask is None:
+            mask = manifold.active_mask(manifold.unpack(p, check=False)[0])
+        r = max(int(mask.sum(-1).max()), 1) if manifold.adaptive else manifold.capacity
+        self._active[id(p)] = (mask, r)
+        return mask, r
 
     def field_for(self, p: Tensor, grad: Tensor, weight_decay: float = 0.0, rank: Optional[int] = None):
         r"""The field :math:`F = -(G + \lambda W)` of a low-rank weight at its current
@@ -367,8 +373,7 @@ class DLRT(LowRankOptimizer):
         the integrators take it: the reconciled recorded field (a :class:`MatrixField`,
         class docstring) or the tangent field :math:`-P_X(G + \lambda W)` from ``p.grad``
         (a :class:`TangentField`)."""
-        manifold = p.manifold
-        r = manifold.capacity if rank is None else rank
+        r = p.manifold.capacity if rank is None else rank
         field = self._fields.get(id(p))
         if field is None and self._recorder is not None:
             pair = self._recorder.pair(p)
@@ -376,16 +381,24 @@ class DLRT(LowRankOptimizer):
                 field = self._reconciled_field(p, grad, pair, weight_decay)[0]
         if field is not None:
             return field
+        self._warn_unrecorded()
+        return self._tangent_field(riemannian_parts(p, grad, p.manifold), r, weight_decay)
+
+    def _warn_unrecorded(self) -> None:
         if not self._warned:
             warnings.warn(
                 "DLRT: no recorded (x, dY) for a low-rank weight (no model= given, or not a "
                 "LowRankLinear / LowRankConv2d / LowRankAdapterLinear); its field is -P_X(G) from autograd, "
                 "with which abc-PSI and augmented BUG reduce to a retraction step",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
             self._warned = True
-        u, s, v, mask, ds, gv, gtu = riemannian_parts(p, grad, manifold)
+
+    @staticmethod
+    def _tangent_field(parts, r: int, weight_decay: float) -> TangentField:
+        r""":math:`-P_X(G + \lambda W)` from :func:`riemannian_parts`, sliced to ``r`` columns."""
+        u, s, v, _, ds, gv, gtu = parts
         up = gv - u @ ds
         vp = gtu - v @ mT(ds)
         mm = ds + weight_decay * s if weight_decay else ds  # P_X(W) = U S V^T: only M
@@ -393,10 +406,15 @@ class DLRT(LowRankOptimizer):
 
     def _lowrank_step(self, p, grad, group, state):
         manifold = p.manifold
-        u, s, v = manifold.unpack(p)
-        mask = active_mask(u, manifold)
-        r = self._active_width(p)
-        field = self.field_for(p, grad, group["weight_decay"], rank=r)
+        field = self._fields.get(id(p))  # recorded: built and checked before any step
+        if field is None:  # the tangent field from p.grad
+            parts = riemannian_parts(p, grad, manifold)
+            (u, s, v, mask), r = parts[:4], self._active_of(p, parts[3])[1]
+            self._warn_unrecorded()
+            field = self._tangent_field(parts, r, group["weight_decay"])
+        else:
+            u, s, v = manifold.unpack(p, check=False)
+            mask, r = self._active_of(p)
         integrator = _INSTANCES[group["integrator"]]
         uh, sh, vh = integrator.augmented_step(u[..., :r], s[..., :r, :r], v[..., :r], field, group["lr"])
         u1, s1, v1, _, _ = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))

@@ -127,6 +127,7 @@ def _augment(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
     reaches Adam's entrywise division. Returns ``(U^, V^, S^_0, G^, mask, support)``
     with ``support = (core, up, vp)``."""
     u, s, v, mask, ds, gv, gtu = riemannian_parts(p, grad, manifold)
+    mask = mask > 0
     uh, cu = _augmented_basis(u, gv, mask)
     vh, cv = _augmented_basis(v, gtu, mask)
     cap, k_u, k_v = manifold.capacity, uh.shape[-1], vh.shape[-1]
