@@ -233,11 +233,8 @@ class LowRankLinear(_LowRankWeight):
         rank: int,
         bias: bool = True,
         *,
-        max_rank: Optional[int] = None,
-        tol: float = 0.0,
-        retraction: str = "metric",
-        dtype: Optional[torch.dtype] = None,
-        device=None,
+        max_rank: Optional[int] = None, tol: float = 0.0, retraction: str = "metric",
+        dtype: Optional[torch.dtype] = None, device=None,
     ):
         super().__init__()
         self.in_features = positive_int(in_features, "in_features")
@@ -277,9 +274,7 @@ class LowRankLinear(_LowRankWeight):
         linear: nn.Linear,
         rank: Optional[int] = None,
         *,
-        svd_tol: Optional[float] = None,
-        max_rank: Optional[int] = None,
-        tol: Optional[float] = None,
+        svd_tol: Optional[float] = None, max_rank: Optional[int] = None, tol: Optional[float] = None,
         rank_tol: Optional[float] = None,
     ) -> "LowRankLinear":
         r"""A :class:`LowRankLinear` from the truncated SVD of a dense ``nn.Linear``.
@@ -414,11 +409,8 @@ class LowRankConv2d(_LowRankWeight):
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
-        max_rank: Optional[int] = None,
-        tol: float = 0.0,
-        retraction: str = "metric",
-        dtype: Optional[torch.dtype] = None,
-        device=None,
+        max_rank: Optional[int] = None, tol: float = 0.0, retraction: str = "metric",
+        dtype: Optional[torch.dtype] = None, device=None,
     ):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels")
@@ -547,9 +539,7 @@ class LowRankConv2d(_LowRankWeight):
         conv: nn.Conv2d,
         rank: Optional[int] = None,
         *,
-        svd_tol: Optional[float] = None,
-        max_rank: Optional[int] = None,
-        tol: Optional[float] = None,
+        svd_tol: Optional[float] = None, max_rank: Optional[int] = None, tol: Optional[float] = None,
         rank_tol: Optional[float] = None,
     ) -> "LowRankConv2d":
         r"""A :class:`LowRankConv2d` from the truncated SVD of an ``nn.Conv2d``'s

@@ -115,11 +115,15 @@ def rank_policy(group: dict, mask: Tensor, manifold: FixedRankManifold) -> Tuple
 _RENAMED_OPTIONS = {"rank_tol": "tol", "rank_relative": "relative"}
 
 
-def truncation_options(where: str, tol, relative, min_rank, fixed_rank, rank_tol, rank_relative) -> dict:
-    """The truncation options of an optimizer's defaults (deprecated spellings mapped)."""
+def truncation_options(where: str, tol, relative, min_rank, fixed_rank, deprecated: dict) -> dict:
+    """The truncation options of an optimizer's defaults; ``deprecated`` holds the keyword
+    arguments beyond the signature, of which only the old names are accepted."""
+    unknown = set(deprecated) - set(_RENAMED_OPTIONS)
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword arguments {sorted(unknown)}")
     return dict(
-        tol=renamed("rank_tol", rank_tol, "tol", tol, where),
-        relative=renamed("rank_relative", rank_relative, "relative", relative, where),
+        tol=renamed("rank_tol", deprecated.get("rank_tol"), "tol", tol, where),
+        relative=renamed("rank_relative", deprecated.get("rank_relative"), "relative", relative, where),
         min_rank=min_rank,
         fixed_rank=fixed_rank,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -182,12 +182,8 @@ class DLRT(LowRankOptimizer):
         lr: float,
         integrator="abc-psi",
         *,
-        tol: Optional[float] = None,
-        relative: Optional[bool] = None,
-        min_rank: Optional[int] = None,
+        tol: Optional[float] = None, relative: Optional[bool] = None, min_rank: Optional[int] = None,
         fixed_rank: bool = False,
-        rank_tol: Optional[float] = None,
-        rank_relative: Optional[bool] = None,
         weight_decay: float = 0.0,
         euclidean: str = "sgd",
         momentum: float = 0.0,
@@ -195,16 +191,12 @@ class DLRT(LowRankOptimizer):
         eps: float = 1e-8,
         model: Optional[nn.Module] = None,
         grad_rtol: Optional[float] = None,
+        **deprecated: Any,
     ):
         defaults = dict(
-            lr=lr,
-            integrator=integrator,
-            **truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, rank_tol, rank_relative),
-            weight_decay=weight_decay,
-            euclidean=euclidean,
-            momentum=momentum,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            eps=eps,
+            truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
+            lr=lr, integrator=integrator, weight_decay=weight_decay, euclidean=euclidean, momentum=momentum,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
         )
         super().__init__(params, defaults)
         self._process_group = None

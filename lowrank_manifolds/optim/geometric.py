@@ -44,7 +44,7 @@ notation) are those of :mod:`lowrank_manifolds.optim._base`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -183,20 +183,13 @@ class GeometricSGD(LowRankOptimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
         *,
-        tol: Optional[float] = None,
-        relative: Optional[bool] = None,
-        min_rank: Optional[int] = None,
+        tol: Optional[float] = None, relative: Optional[bool] = None, min_rank: Optional[int] = None,
         fixed_rank: bool = False,
-        rank_tol: Optional[float] = None,
-        rank_relative: Optional[bool] = None,
+        **deprecated: Any,
     ):
         defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            **truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, rank_tol, rank_relative),
+            truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
         )
         super().__init__(params, defaults)
 
@@ -293,24 +286,17 @@ class GeometricAdam(LowRankOptimizer):
         weight_decay: float = 0.0,
         *,
         decoupled_weight_decay: bool = False,
-        tol: Optional[float] = None,
-        relative: Optional[bool] = None,
-        min_rank: Optional[int] = None,
+        tol: Optional[float] = None, relative: Optional[bool] = None, min_rank: Optional[int] = None,
         fixed_rank: bool = False,
-        rank_tol: Optional[float] = None,
-        rank_relative: Optional[bool] = None,
         m2_transport: str = "squared",
         perp_second_moment: str = "entrywise",
+        **deprecated: Any,
     ):
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            m2_transport=m2_transport,
+            truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
+            lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, m2_transport=m2_transport,
             perp_second_moment=perp_second_moment,
-            **truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, rank_tol, rank_relative),
         )
         super().__init__(params, defaults)
 

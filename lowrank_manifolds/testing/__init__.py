@@ -1,26 +1,7 @@
 """Property-based testing tools for fixed-rank geometry: Hypothesis strategies
 (``strategies``) and check functions that users can run on their own code."""
 from .checks import CheckReport, CheckResult, check_integrator, check_retraction
-from .strategies import (
-    SPECTRA,
-    fixed_rank_manifolds,
-    make_point,
-    make_tangent,
-    manifolds_and_points,
-    points,
-    tangent_vectors,
-)
+from .strategies import SPECTRA, fixed_rank_manifolds, make_point, make_tangent, manifolds_and_points, points, tangent_vectors
 
-__all__ = [
-    "CheckReport",
-    "CheckResult",
-    "check_integrator",
-    "check_retraction",
-    "SPECTRA",
-    "fixed_rank_manifolds",
-    "make_point",
-    "make_tangent",
-    "manifolds_and_points",
-    "points",
-    "tangent_vectors",
-]
+__all__ = ["CheckReport", "CheckResult", "check_integrator", "check_retraction", "SPECTRA", "fixed_rank_manifolds",
+           "make_point", "make_tangent", "manifolds_and_points", "points", "tangent_vectors"]
