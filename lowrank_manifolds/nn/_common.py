@@ -202,6 +202,25 @@ class ManifoldModule(nn.Module):
         self.__dict__["_own_manifold"] = manifold
 
     @property
+    def rank(self) -> int:
+        """The nominal rank: the fixed rank, or, with a capacity, the rank the point was built
+        with (:attr:`active_rank` is the current one)."""
+        return self.manifold.rank
+
+    @property
+    def capacity(self) -> int:
+        """The capacity ``R`` (``max_rank``; ``rank`` at fixed rank): the packed point has
+        shape ``(m + R + n, R)``."""
+        return self.manifold.capacity
+
+    @property
+    def active_rank(self) -> int:
+        """The current rank of the point (its number of active columns). A Python int, hence
+        one host synchronisation on an accelerator; ``layer.manifold.active_rank(point)``
+        gives a device tensor without one."""
+        return active_rank_int(self.manifold, getattr(self, self.__dict__["_point_name"]))
+
+    @property
     def manifold(self) -> FixedRankManifold:
         """The :class:`~lowrank_manifolds.FixedRankManifold` of the layer's point
         (``weight``, or ``delta`` of :class:`LowRankAdapterLinear`).

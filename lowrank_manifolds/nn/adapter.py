@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from .._linalg import mT
 from ._common import (
     ManifoldModule,
-    active_rank_int,
     check_capacity,
     check_rank,
     haar_stiefel,
@@ -111,21 +110,6 @@ class LowRankAdapterLinear(ManifoldModule):
     @property
     def out_features(self) -> int:
         return self.base.out_features
-
-    @property
-    def rank(self) -> int:
-        """The nominal rank of the correction (fixed, or the initial one with a capacity)."""
-        return self.manifold.rank
-
-    @property
-    def capacity(self) -> int:
-        """The capacity ``R`` of the correction (``rank`` if it has a fixed rank)."""
-        return self.manifold.capacity
-
-    @property
-    def active_rank(self) -> int:
-        """The current rank of the correction (a Python int: one host sync on an accelerator)."""
-        return active_rank_int(self.manifold, self.delta)
 
     def delta_factors(self) -> Tuple[Tensor, Tensor, Tensor]:
         r"""Views ``(U, S, V)`` of the packed correction, :math:`\Delta = USV^\top`."""

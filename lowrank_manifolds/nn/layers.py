@@ -15,7 +15,6 @@ from .._args import positive_int
 from .._linalg import mT
 from ._common import (
     ManifoldModule,
-    active_rank_int,
     check_capacity,
     check_rank,
     conversion_args,
@@ -52,26 +51,6 @@ class _LowRankWeight(ManifoldModule):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
-
-    @property
-    def rank(self) -> int:
-        """The nominal rank: the fixed rank, or, with a capacity, the rank the layer was
-        built with (see :attr:`active_rank` for the current one)."""
-        return self.manifold.rank
-
-    @property
-    def capacity(self) -> int:
-        """The capacity ``R`` (``max_rank``; ``rank`` for a fixed-rank layer): the
-        packed weight has shape ``(m + R + n, R)``."""
-        return self.manifold.capacity
-
-    @property
-    def active_rank(self) -> int:
-        """The current rank of the weight (its number of active columns).
-
-        A Python int, hence one host synchronisation on an accelerator; use
-        ``layer.manifold.active_rank(layer.weight)`` for a device tensor without one."""
-        return active_rank_int(self.manifold, self.weight)
 
     def _active_factors(self) -> Tuple[Tensor, Tensor, Tensor]:
         """``(U, S, V)`` trimmed to the active rank (one host sync with a capacity)."""
