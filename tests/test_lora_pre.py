@@ -625,3 +625,232 @@ def test_muon_planted_mlp_loss_decreases():
     l0, l_muon, _ = _train(lambda ps: LoRAPreAdam(ps, lr=1e-2, rank=16, muon=True))
     assert math.isfinite(l_muon)
     assert l_muon < l0 / 5
+
+
+# --------------------------------------------------------------------------
+# current_gradient=True: the published step, g_t in full, the history low rank
+# --------------------------------------------------------------------------
+EPS64 = torch.finfo(F64).eps
+
+
+class _DenseCurrentGradientReference:
+    """Float64 reference of the current-gradient step, written from the formulas alone.
+
+    Factors: ``B = 0`` and ``A`` the top-``r`` right singular vectors of the first target,
+    then per step the sequential damped Newton pair ``B <- (1-c) B + c T pinv(A)``,
+    ``A <- (1-c) A + c pinv(B) T`` (``1 - c = sqrt(beta1)`` on ``g``, ``beta2**(1/4)`` on
+    ``|g|``) and a gauge reset by QR (``B A`` unchanged). Step, from the factors *before*
+    their update: ``m = beta1 (B A) + (1 - beta1) g`` (or Adam's dense EMA),
+    ``v = beta2 (B_v A_v)**2 + (1 - beta2) g**2``,
+    ``theta <- theta (1 - lr wd) - lr (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps)``.
+    """
+
+    def __init__(self, theta, rank, lr, betas, eps, wd, dense_m=False):
+        self.theta, self.r, self.lr, self.eps, self.wd = theta.clone(), rank, lr, eps, wd
+        self.b1, self.b2 = betas
+        self.dense_m, self.t, self.pairs = dense_m, 0, {}
+
+    def _pair(self, key, target, keep):
+        if key not in self.pairs:
+            vh = torch.linalg.svd(target, full_matrices=False)[2]
+            self.pairs[key] = (torch.zeros(target.shape[0], self.r, dtype=F64), vh[: self.r].clone())
+        B, A = self.pairs[key]
+        c = 1.0 - keep
+        B = (1 - c) * B + c * target @ torch.linalg.pinv(A)
+        A = (1 - c) * A + c * torch.linalg.pinv(B) @ target
+        q, rr = torch.linalg.qr(A.T)
+        self.pairs[key] = (B @ rr.T, q.T)
+
+    def product(self, key, shape):
+        if key not in self.pairs:
+            return torch.zeros(shape, dtype=F64)
+        B, A = self.pairs[key]
+        return B @ A
+
+    def step(self, g):
+        self.t += 1
+        b1, b2, t = self.b1, self.b2, self.t
+        if self.dense_m:
+            m = b1 * self.product("m", g.shape) + (1 - b1) * g
+            self.pairs["m"] = (m, torch.eye(g.shape[1], dtype=F64))  # stored densely: B A = m
+        else:
+            m = b1 * self.product("m", g.shape) + (1 - b1) * g
+            self._pair("m", g, math.sqrt(b1))
+        v = b2 * self.product("u", g.shape) ** 2 + (1 - b2) * g * g
+        self._pair("u", g.abs(), b2 ** 0.25)
+        self.theta = self.theta * (1 - self.lr * self.wd)
+        self.theta = self.theta - self.lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + self.eps)
+        return self.theta
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    p=st.integers(3, 10), q=st.integers(3, 10), r=st.integers(1, 4),
+    beta1=st.floats(0.5, 0.95), beta2=st.floats(0.9, 0.999),
+    dense_m=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_current_gradient_low_rank_matches_dense_reference(p, q, r, beta1, beta2, dense_m, seed):
+    """At rank r < min(p, q): the state is (p + q) r numbers per factored moment and eight
+    steps equal the dense float64 reference of the formulas (to 1e-9: the factors' rounding,
+    cond(B) eps per step, is all that separates the two)."""
+    r = min(r, min(p, q) - 1)
+    gen = _gen(seed)
+    theta0 = torch.randn(p, q, dtype=F64, generator=gen)
+    kw = dict(lr=1e-2, betas=(beta1, beta2), eps=1e-8, weight_decay=0.1)
+    w = theta0.clone().requires_grad_(True)
+    opt = LoRAPreAdam([w], rank=r, always_factor=True, current_gradient=True,
+                      factor_first_moment=not dense_m, **kw)
+    ref = _DenseCurrentGradientReference(theta0, r, kw["lr"], kw["betas"], kw["eps"],
+                                         kw["weight_decay"], dense_m=dense_m)
+    for _ in range(8):
+        g = torch.randn(p, q, dtype=F64, generator=gen)
+        _feed(opt, w, g)
+        expected = ref.step(g)
+        assert _rel_err(w.detach() - theta0, expected - theta0) < 1e-9
+    st_ = opt.state[w]
+    assert st_["v_B"].shape == (p, r) and st_["v_A"].shape == (r, q)
+    if dense_m:
+        assert st_["exp_avg"].shape == (p, q)
+        assert opt.state_numel() == p * q + (p + q) * r
+    else:
+        assert st_["m_B"].shape == (p, r) and st_["m_A"].shape == (r, q)
+        assert opt.state_numel() == 2 * (p + q) * r
+
+
+@pytest.mark.parametrize("shape, rank", [((9, 5), 2), ((5, 9), 2), ((8, 8), 3)])
+def test_current_gradient_step_contains_g_exactly(shape, rank):
+    """Recover m_t from the step and the optimizer's own state before it:
+    m_t = -(delta theta + lr wd theta) (1 - beta1^t) (d_t + eps) / lr with
+    d_t = sqrt((beta2 s_{t-1}^2 + (1 - beta2) g^2) / (1 - beta2^t)). Then
+    (m_t - beta1 (B A)_{t-1}) / (1 - beta1) is g_t itself, including the part outside the
+    factors' span (to rounding); the reconstruction form's step misses that part."""
+    p, q = shape
+    gen = _gen(20)
+    lr, b1, b2, eps, wd = 1e-2, 0.9, 0.99, 1e-8, 0.1
+    for current in (True, False):
+        w = torch.randn(p, q, dtype=F64, generator=_gen(21)).requires_grad_(True)
+        opt = LoRAPreAdam([w], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, rank=rank,
+                          always_factor=True, current_gradient=current)
+        for _ in range(4):
+            _feed(opt, w, torch.randn(p, q, dtype=F64, generator=_gen(22)))
+        t = 5
+        m_prev, s_prev = opt.moments(w)
+        theta = w.detach().clone()
+        g = torch.randn(p, q, dtype=F64, generator=gen)
+        _feed(opt, w, g)
+        delta = w.detach() - theta
+        d = ((b2 * s_prev**2 + (1 - b2) * g * g) / (1 - b2**t)).sqrt()
+        m_t = -(delta + lr * wd * theta) * (1 - b1**t) * (d + eps) / lr
+        g_seen = (m_t - b1 * m_prev) / (1 - b1)
+        err = _rel_err(g_seen, g)
+        if current:
+            assert err < 1e-12
+        else:
+            assert err > 1e-2
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 7), beta1=st.floats(0.0, 0.99), beta2=st.floats(0.5, 0.9999),
+       wd=st.sampled_from([0.0, 0.1]), seed=st.integers(0, 2**16))
+def test_current_gradient_full_rank_square_mode_is_adamw(n, beta1, beta2, wd, seed):
+    """Full square rank, second_moment="square": every formula is AdamW's, so the only
+    difference is the factors' rounding (the Newton pair reproduces the EMA to cond * eps
+    per step). Step 1 starts from B = 0 exactly, so it differs from AdamW only by the
+    association of lr / (1 - beta1) * m / d: a few ulps of the update."""
+    gen = _gen(seed)
+    w0 = torch.randn(n, n, dtype=F64, generator=gen)
+    kw = dict(lr=1e-2, betas=(beta1, beta2), eps=1e-8, weight_decay=wd)
+    w, w_ref = w0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    opt = LoRAPreAdam([w], rank=n, always_factor=True, second_moment="square",
+                      current_gradient=True, **kw)
+    ref = torch.optim.AdamW([w_ref], **kw)
+    for t in range(1, 26):
+        g = torch.randn(n, n, dtype=F64, generator=gen)
+        for o, p_ in ((opt, w), (ref, w_ref)):
+            p_.grad = g.clone()
+            o.step()
+        diff = (w.detach() - w_ref.detach()).abs().max()
+        if t == 1:
+            assert diff <= 8 * EPS64 * (w0.abs().max() + kw["lr"])
+        assert _rel_err(w.detach() - w0, w_ref.detach() - w0) < 1e-10
+        assert _rel_err(opt.moments(w)[0], ref.state[w_ref]["exp_avg"]) < 1e-10
+        assert _rel_err(opt.moments(w)[1], ref.state[w_ref]["exp_avg_sq"]) < 1e-10
+
+
+def test_current_gradient_full_rank_abs_mode_first_moment_is_adams_ema():
+    """Default second moment ("abs") at full square rank: m_t is Adam's EMA (to rounding),
+    the first step is AdamW's, and later steps are not AdamW's (v_t uses the |g| EMA's
+    square, (E|g|)^2 <= E g^2), but equal the dense reference."""
+    gen = _gen(23)
+    n, kw = 6, dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    w0 = torch.randn(n, n, dtype=F64, generator=gen)
+    w, w_ref = w0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    opt = LoRAPreAdam([w], rank=n, always_factor=True, current_gradient=True, **kw)
+    ref = torch.optim.AdamW([w_ref], **kw)
+    dense = _DenseCurrentGradientReference(w0, n, kw["lr"], kw["betas"], kw["eps"], kw["weight_decay"])
+    for t in range(1, 31):
+        g = torch.randn(n, n, dtype=F64, generator=gen)
+        for o, p_ in ((opt, w), (ref, w_ref)):
+            p_.grad = g.clone()
+            o.step()
+        expected = dense.step(g)
+        assert _rel_err(opt.moments(w)[0], ref.state[w_ref]["exp_avg"]) < 1e-10
+        assert _rel_err(w.detach() - w0, expected - w0) < 1e-10
+        if t == 1:
+            assert _rel_err(w.detach() - w0, w_ref.detach() - w0) < 1e-13
+    assert _rel_err(w.detach() - w0, w_ref.detach() - w0) > 1e-4
+
+
+def test_current_gradient_round_trip_nonfinite_and_planted_problem():
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+
+    gen = _gen(24)
+    xs = [torch.randn(5, 12, generator=gen) for _ in range(10)]
+
+    def run(model, opt, batches):
+        for x in batches:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    kw = dict(lr=1e-2, rank=3, weight_decay=0.01, current_gradient=True)
+    model = make()
+    opt = LoRAPreAdam(model.parameters(), **kw)
+    run(model, opt, xs[:5])
+    assert opt.is_factored(model[0].weight)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    run(model, opt, xs[5:])
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    assert all(g["current_gradient"] for g in ckpt["opt"]["param_groups"])
+    model2 = make()
+    model2.load_state_dict(ckpt["model"])
+    opt2 = LoRAPreAdam(model2.parameters(), **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    run(model2, opt2, xs[5:])
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    # a non-finite gradient raises before anything is written
+    before = copy.deepcopy(opt2.state_dict())
+    params = [p.detach().clone() for p in model2.parameters()]
+    model2[0].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt2.step()
+    for a, b in zip(model2.parameters(), params):
+        assert torch.equal(a, b)
+    for key, st_ in before["state"].items():
+        for name, v in st_.items():
+            assert torch.equal(v, opt2.state_dict()["state"][key][name])
+    # and it trains the planted problem
+    l0, l_cur, _ = _train(lambda ps: LoRAPreAdam(ps, lr=1e-2, rank=16, current_gradient=True))
+    assert math.isfinite(l_cur) and l_cur < l0 / 10
+
+
+@pytest.mark.parametrize("kwargs", [dict(current_gradient=1), dict(current_gradient=True, muon=True)])
+def test_current_gradient_bad_settings_raise(kwargs):
+    w = torch.zeros(4, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="current_gradient"):
+        LoRAPreAdam([w], **kwargs)

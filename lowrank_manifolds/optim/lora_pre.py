@@ -1,181 +1,101 @@
 r"""LoRA-Pre: Adam whose moment estimates are stored as low-rank factors.
 
 Reference: Wang et al., "Taming Momentum: Rethinking Optimizer States Through
-Low-Rank Approximation" (2026, arXiv:2602.24283).
+Low-Rank Approximation" (2026, arXiv:2602.24283). The derivations, the
+numerics and the measurements are in ``docs/lora_pre.md``.
 
-Maths
------
-Adam's exponential moving average (EMA)
-
-.. math:: m_t = \beta\, m_{t-1} + (1 - \beta)\, g_t
-
-is one damped step of online least squares: it minimises
-:math:`\beta \|m - m_{t-1}\|_F^2 + (1-\beta) \|m - g_t\|_F^2`. LoRA-Pre
-restricts the ``p x q`` moment to rank ``r`` as :math:`m = B A`,
-:math:`B \in \mathbb{R}^{p \times r}`, :math:`A \in \mathbb{R}^{r \times q}`,
-and takes one damped Newton step on :math:`\tfrac12\|BA - g\|_F^2` for each
-factor, *sequentially* (the ``A`` step uses the already updated ``B``):
+Factored moments
+----------------
+Adam's EMA :math:`m_t = \beta m_{t-1} + (1 - \beta) g_t` is one damped step
+of online least squares. LoRA-Pre keeps the ``p x q`` moment as
+:math:`m = B A` (``B``: ``p x r``, ``A``: ``r x q``) and takes one damped
+Newton step on :math:`\tfrac12\|BA - g\|_F^2` per factor, *sequentially*:
 
 .. math::
 
     B &\leftarrow (1 - c)\, B + c\, g A^\top (A A^\top)^{-1}, \\
     A &\leftarrow (1 - c)\, A + c\, (B^\top B)^{-1} B^\top g .
 
-If ``A`` and ``B`` are square and invertible (``r = p = q``), the first half
-step gives :math:`B'A = (1-c) m + c g` and the second
-:math:`B'A' = (1-c) B'A + c g`, so :math:`B'A' = (1-c)^2 m + (1-(1-c)^2) g`:
-with :math:`(1 - c)^2 = \beta` the reconstruction is *exactly* the EMA.
+For square invertible factors (``r = p = q``) this gives
+:math:`B'A' = (1-c)^2 m + (1-(1-c)^2) g`, so :math:`(1 - c)^2 = \beta` is
+*exactly* the EMA. For ``r = min(p, q) < max(p, q)`` it is not: with
+``p > q``, :math:`B'A' = P_{B'}(\beta m + (1-\beta) g)`, the part of the
+target outside the column space of the new ``B`` is lost.
 
-For ``r = min(p, q) < max(p, q)`` the reconstruction is *not* the EMA in
-general: with ``p > q`` (``A`` square) one gets
-:math:`B'A' = P_{B'}\,(\beta m + (1-\beta) g)`, the EMA target projected on
-the column space of the new ``B``; the component of ``g`` outside that space
-is lost. This is a property of the alternating scheme, not of the rank. The
-exact-EMA statement therefore holds for square matrices only.
+The second pair of factors tracks, with ``second_moment="abs"`` (default, the
+paper's choice: a low-rank approximation of :math:`v \ge 0` can be negative),
+:math:`u_t = \beta_u u_{t-1} + (1 - \beta_u) |g_t|`, :math:`\beta_u =
+\sqrt{\beta_2}` (per half step :math:`1 - c = \beta_2^{1/4}`); with
+``second_moment="square"`` Adam's :math:`v_t` (per half step
+:math:`1 - c = \sqrt{\beta_2}`; negative reconstructed entries are clamped to
+zero; unstable at low rank, meant for verification at full rank).
 
-Second moment
--------------
-Following the paper, the second moment is *not* factored directly (a low-rank
-approximation of :math:`v \ge 0` may be negative). With the default
-``second_moment="abs"`` the factors track
+The step
+--------
+With ``current_gradient=False`` (the reconstruction form) the step uses the
+factors after they absorbed :math:`g_t`: :math:`m_t = (BA)_t`,
+:math:`d_t = |u_t| / (1 - \beta_u^t)` (``"abs"``) or
+:math:`\sqrt{\max(v_t, 0) / (1 - \beta_2^t)}` (``"square"``), so the part of
+:math:`g_t` outside the factors' span never reaches the parameters. At full
+square rank ``"square"`` is AdamW and ``"abs"`` is AdamW with the RMS
+replaced by the bias-corrected EMA of ``|g|`` (equal to AdamW's first step).
 
-.. math:: u_t = \beta_u\, u_{t-1} + (1 - \beta_u)\, |g_t|, \qquad
-          \beta_u = \sqrt{\beta_2}
+With ``current_gradient=True`` (the form of the published step, read with the
+history taken before step ``t``; ``docs/lora_pre.md``) only the history is low
+rank; the factors before this step's Newton updates give
 
-(per half step :math:`1 - c = \beta_2^{1/4}`), and the update uses
-:math:`\hat v_t = \hat u_t^2` with the bias correction of :math:`u` itself,
-:math:`\hat u_t = u_t / (1 - \beta_u^t)`, i.e. the Adam denominator
-:math:`\sqrt{\hat v_t} + \epsilon` becomes :math:`|\hat u_t| + \epsilon`. At
-full (square) rank this is exactly "Adam with the root-mean-square replaced by
-the (bias-corrected) EMA of ``|g|`` with decay ``sqrt(beta2)``". It is *not*
-Adam (``(E|g|)^2 <= E g^2``), but its first step equals Adam's first step.
+.. math::
 
-With ``second_moment="square"`` the factors track Adam's own
-:math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2` (per half step
-:math:`1 - c = \sqrt{\beta_2}`), negative reconstructed entries are clamped to
-zero, and at full (square) rank the optimizer reproduces
-:class:`torch.optim.AdamW` (``torch.optim.Adam`` when ``weight_decay=0``).
+    m_t = \beta_1 (BA)_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2\, u_{t-1}^{\circ 2} + (1 - \beta_2)\, g_t^{\circ 2},
+    \qquad d_t = \sqrt{v_t / (1 - \beta_2^t)}
 
-Initialisation
---------------
-The state starts at ``m = B A = 0`` with ``B = 0``. ``A`` cannot be zero
-(``A A^T`` would be singular), so on the first step ``A`` is set to the top
-``r`` right singular vectors of the first target (``g`` for the first moment,
-``|g|`` or ``g^2`` for the second), which have orthonormal rows. The usual two
-half steps then give
+(``"square"``: :math:`\beta_2 \max(v_{t-1}, 0)` in place of
+:math:`\beta_2 u_{t-1}^{\circ 2}`), and the factors are then updated on
+:math:`g_t` as above. :math:`g_t` enters the step in full at every rank. At full
+square rank :math:`m_t` is Adam's EMA (to rounding), the first step is
+AdamW's, and with ``"square"`` every step is AdamW's (to rounding). Either
+way the update is decoupled-weight-decay Adam,
 
-.. math:: B_1 A_1 = (1 - \beta)\, [g]_r ,
+.. math:: \theta \leftarrow \theta (1 - \eta \lambda) - \frac{\eta}{1 - \beta_1^t}
+          \frac{m_t}{d_t + \epsilon}.
 
-where :math:`[g]_r` is the best rank-``r`` approximation of ``g``
-(Eckart--Young); at full rank this is exactly :math:`(1-\beta) g`. A
-rank-deficient first gradient leaves some columns of ``B`` at zero but the
-matching rows of ``A`` stay orthonormal, so those directions revive as soon as
-a later gradient has a component in them. The initialisation costs one thin
-SVD per factored parameter and moment, once.
+Initialisation and numerics
+---------------------------
+The state starts at ``B A = 0`` with ``B = 0`` and ``A`` the top ``r`` right
+singular vectors of the first target, so :math:`B_1 A_1 = (1 - \beta)[g]_r`
+(the best rank-``r`` approximation; one thin SVD per factored matrix and
+moment, once). After every pair of Newton steps the gauge
+:math:`(B, A) \mapsto (BS, S^{-1}A)` is reset by a QR of :math:`A^\top`
+(:math:`A A^\top = I`, ``B A`` unchanged); without it both factors become
+ill-conditioned within tens of steps. The Newton targets are least-squares
+solutions computed from a QR of the factor (never its Gram matrix) with a
+relative Tikhonov shift :math:`\lambda = \varepsilon_s^2 \operatorname{tr}G / r
++ \tau` (``solve_eps`` :math:`= \varepsilon_s`, default the solve dtype's
+machine epsilon; :math:`\tau` its smallest normal number) and one iterated
+Tikhonov refinement: spectral filter
+:math:`\varphi(\sigma) = 1 - (\lambda / (\sigma + \lambda))^2` on the
+eigenvalues of ``G``. Solves run in float32 for half-precision parameters;
+only QR, triangular solves and products are used (no host synchronisation).
 
-Gauge and regularisation
-------------------------
-``B A`` is invariant under :math:`(B, A) \mapsto (B S, S^{-1} A)` and so are
-the Newton steps (they are equivariant). Left alone, this gauge drifts and
-both factors become ill-conditioned within tens of steps (condition numbers
-of ``1e6`` after 40 random steps at ``8 x 8``), which ruins the solves. After
-every pair of steps the rows of ``A`` are therefore re-orthonormalised by a
-thin QR, :math:`A^\top = Q R`, :math:`A \leftarrow Q^\top`,
-:math:`B \leftarrow B R^\top`; this does not change ``B A`` and keeps
-:math:`A A^\top = I` and :math:`\operatorname{cond}(B) =
-\operatorname{cond}(BA)`.
+At low rank the reconstructed ``|g|`` EMA can have entries near zero where
+``m`` is not, and the reconstruction form then takes steps up to
+:math:`|m| / \epsilon` in single entries (occasional loss spikes on the test
+problem). In the current-gradient form :math:`v_t \ge (1-\beta_2)
+g_t^{\circ 2}` bounds the share of :math:`g_t` in the step, not that of the
+history :math:`\beta_1 (BA)_{t-1}`.
 
-Each Newton target is a least-squares solution,
-:math:`g A^\top (A A^\top)^{-1} = \arg\min_X \|X A - g\|_F` and
-:math:`(B^\top B)^{-1} B^\top g = \arg\min_X \|B X - g\|_F`. The ``r x r``
-normal equations :math:`G X = M^\top g` (:math:`G = M^\top M`, ``M`` being
-``A^T`` or ``B``) are regularised by a relative Tikhonov shift
+Variants
+--------
+``factor_first_moment=False`` keeps Adam's dense first moment (``p q +
+(p + q) r`` numbers per matrix; not the paper's method). ``muon=True`` keeps
+only the first-moment factors and steps along
+:math:`0.2\sqrt{\max(p, q)}\,\mathrm{NS}_k(m_t)`, Muon's quintic
+Newton--Schulz orthogonalisation (Jordan et al. 2024) of the reconstructed
+momentum, run on the ``p x r`` factor because ``A`` has orthonormal rows
+(:func:`newton_schulz`); not with ``current_gradient=True``.
 
-.. math:: \lambda = \varepsilon_s^2\, \frac{\operatorname{tr} G}{r} + \tau,
-
-with :math:`\varepsilon_s` = ``solve_eps`` (default ``finfo.eps`` of the
-solve dtype: ``2.2e-16`` in float64, ``1.2e-7`` in float32), i.e. singular
-values of ``M`` below :math:`\varepsilon_s \|M\|_F / \sqrt r` are damped: the
-rounding floor of the QR route below, whose relative accuracy is
-:math:`\operatorname{cond}(M)\,\varepsilon`. (A shift :math:`\varepsilon_s
-\operatorname{tr} G / r`, the threshold of normal equations, damps singular
-values below :math:`\sqrt{\varepsilon_s}\|M\|_F` and biased a direction of a
-``6 x 6`` factor with :math:`\operatorname{cond} = 2 \cdot 10^6` by
-:math:`(\varepsilon \operatorname{cond}^2)^2 \approx 10^{-6}`, so the full-rank EMA
-was off by ``2e-9`` instead of ``3e-12``.) :math:`\tau` is
-the smallest normal number of that dtype (only there so that
-``G = 0`` stays solvable; it then returns ``0`` because the right-hand side is
-zero too), followed by one step of *iterated Tikhonov* refinement
-:math:`X \leftarrow X + (G + \lambda I)^{-1}(M^\top g - G X)`. On an
-eigenvalue :math:`\sigma` of ``G`` the result is
-:math:`\varphi(\sigma)\,\sigma^{-1}` times the exact one, with the filter
-:math:`\varphi(\sigma) = 1 - (\lambda / (\sigma + \lambda))^2`: well-resolved
-directions (:math:`\sigma \gg \lambda`) are solved to a relative
-:math:`(\lambda/\sigma)^2` (plain Tikhonov would give :math:`\lambda/\sigma`),
-while
-directions with :math:`\sigma \ll \lambda` get a gain of at most
-:math:`2/\lambda` instead of blowing up (a rank-deficient first gradient, a
-parameter whose gradient vanishes in some directions). ``G`` is never formed:
-everything goes through a thin QR of ``M`` and a QR of the ``2r x r`` matrix
-:math:`[R_M; \sqrt{\lambda} I]`, so rounding errors scale with
-:math:`\operatorname{cond}(M)`, not :math:`\operatorname{cond}(M)^2` (with
-normal equations, random ``4 x 4`` gradients already gave ``1e-9`` errors).
-The solves run in float32 for half precision parameters. Only QR, triangular
-solves and matrix products are used, none of which synchronises with the
-device (no ``.item()``, no error checks).
-
-Caveats at low rank
--------------------
-The low-rank reconstruction of ``u`` (EMA of ``|g|``) can have entries near
-zero, or negative, where ``m`` is not small; ``|u|`` then sits in the
-denominator and single entries take steps of up to ``|m| / eps``. On the
-planted teacher-student MLP of the tests (rank 16 of 32/64, float32) this
-shows as an occasional loss spike (largest entry of ``|m / u|`` about ``1e5``
-on the very first step, where ``u = (1 - beta_u) [|g|]_r``); training
-recovers. ``second_moment="square"`` is far worse at low rank (the clamp sends
-entries of ``v`` to zero and the run diverges to NaN on that problem) and is
-meant for verification at full rank.
-
-Factoring only the second moment
---------------------------------
-``factor_first_moment=False`` keeps Adam's dense first moment (the exact EMA,
-``p q`` numbers) and factors only the second-moment quantity, for ``p q +
-(p + q) r`` numbers per matrix instead of ``2 p q``. On the character
-transformer of ``examples/`` the rank-``d/8`` first moment is what costs
-LoRA-Pre its validation loss (1.12-1.13x Adam's), while the factored second
-moment alone costs 1.006-1.018x (``benchmarks/study_lorapre_moments.py``,
-``docs/lora_pre.md``): this variant trades memory back for that loss. It is not
-part of the paper's method, and it cannot be combined with ``muon=True`` (whose
-point is the factored first moment).
-
-Muon variant
-------------
-With ``muon=True`` only the first moment is factored (no second pair of
-factors, so half the state) and the update of a factored parameter is the
-Newton--Schulz orthogonalisation of the reconstructed momentum, as in Muon
-(Jordan et al. 2024):
-
-.. math:: \theta \leftarrow \theta - \eta\, \alpha\, \mathrm{NS}_k(m_t), \qquad
-          \alpha = 0.2 \sqrt{\max(p, q)},
-
-with ``k = ns_steps`` quintic iterations :math:`X \leftarrow aX + b X(X^\top X)
-+ c X(X^\top X)^2`, :math:`(a, b, c) = (3.4445, -4.7750, 2.0315)`, started at
-:math:`X_0 = m / \|m\|_F` (so the bias correction of ``m`` is irrelevant);
-they push the singular values of ``X`` towards 1 (into roughly
-``[0.7, 1.2]``, not exactly). The scale :math:`\alpha` makes the update's
-RMS about that of an Adam update (Liu et al. 2025, "Muon is scalable"), so
-Adam's learning rate is a reasonable start. The momentum is the plain EMA
-``m_t`` (no Nesterov term). Because ``m = B A`` with orthonormal rows of
-``A`` (after the gauge reset), :math:`m^\top m = A^\top B^\top B A` and every
-iterate is :math:`X_k = B_k A` with :math:`B_{k+1} = aB_k + bB_k(B_k^\top
-B_k) + cB_k(B_k^\top B_k)^2`: the iteration runs on the ``p x r`` factor
-with ``r x r`` Gram matrices, :math:`O(k\,p\,r^2)`, and equals the
-iteration on the dense reconstruction up to rounding (tested). The
-iteration runs in float32 (float64 for float64 parameters). Parameters with
-dense state (vectors, matrices that are not factored) keep the Adam(W)
-update.
-
-Parameters with more than two dimensions (convolution kernels) are viewed as
+Parameters with more than two dimensions are viewed as
 ``shape[0] x prod(shape[1:])`` matrices. Parameters with fewer than two
 dimensions, empty parameters, and matrices for which factoring would not save
 memory (``(p + q) r >= p q``; this includes every ``rank >= min(p, q)``) keep
@@ -369,10 +289,14 @@ class LoRAPreAdam(Optimizer):
         \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,
                  \frac{m_t}{d_t + \epsilon},
 
-    with :math:`d_t = |s_t| / (1 - \beta_u^t)`, :math:`\beta_u =
+    with, by default (``current_gradient=False``), :math:`m_t = (m_B m_A)_t`
+    and :math:`d_t = |s_t| / (1 - \beta_u^t)`, :math:`\beta_u =
     \sqrt{\beta_2}` for ``second_moment="abs"`` (``s`` tracks the EMA of
-    ``|g|``) and :math:`d_t = \sqrt{\max(s_t, 0) / (1 - \beta_2^t)}` for
-    ``second_moment="square"`` (``s`` tracks Adam's ``v``).
+    ``|g|``) or :math:`d_t = \sqrt{\max(s_t, 0) / (1 - \beta_2^t)}` for
+    ``second_moment="square"`` (``s`` tracks Adam's ``v``); with
+    ``current_gradient=True`` the published step of the module docstring,
+    :math:`m_t = \beta_1 (m_B m_A)_{t-1} + (1 - \beta_1) g_t` and
+    :math:`d_t = \sqrt{(\beta_2 s_{t-1}^2 + (1 - \beta_2) g_t^2) / (1 - \beta_2^t)}`.
 
     Parameters
     ----------
@@ -417,6 +341,14 @@ class LoRAPreAdam(Optimizer):
         ``False``: Adam's dense first moment and a factored second moment,
         ``p q + (p + q) r`` numbers per matrix (see the module docstring); not
         with ``muon=True``.
+    current_gradient : bool, optional
+        ``False`` (default): step with the factors' reconstruction after they
+        absorbed ``g_t``. ``True``: the published form, in which ``g_t`` enters
+        in full and only the history is low rank,
+        ``m_t = beta1 (B A)_{t-1} + (1 - beta1) g_t``,
+        ``v_t = beta2 (B_v A_v)_{t-1}**2 + (1 - beta2) g_t**2``, bias-corrected
+        by ``1 - beta1**t`` and ``1 - beta2**t`` (module docstring); not with
+        ``muon=True``. The state is the same.
 
     Notes
     -----
@@ -449,6 +381,7 @@ class LoRAPreAdam(Optimizer):
         muon: bool = False,
         ns_steps: int = 5,
         factor_first_moment: bool = True,
+        current_gradient: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -462,6 +395,7 @@ class LoRAPreAdam(Optimizer):
             muon=muon,
             ns_steps=ns_steps,
             factor_first_moment=factor_first_moment,
+            current_gradient=current_gradient,
         )
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -511,6 +445,11 @@ class LoRAPreAdam(Optimizer):
             raise ValueError(f"Invalid factor_first_moment: {first!r} (need a bool)")
         if not first and group.get("muon", False):
             raise ValueError("muon=True needs the factored first moment (factor_first_moment=True)")
+        cur = group.get("current_gradient", False)
+        if not isinstance(cur, bool):
+            raise ValueError(f"Invalid current_gradient: {cur!r} (need a bool)")
+        if cur and group.get("muon", False):
+            raise ValueError("current_gradient=True is not defined for muon=True")
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
@@ -623,20 +562,36 @@ class LoRAPreAdam(Optimizer):
 
     def _factored_direction(self, grad: Tensor, state: Dict[str, Any],
                             group: Dict[str, Any], step_t: Tensor) -> Tuple[Tensor, Tensor]:
-        """Update the factors and return ``(m_t, d_t + eps)`` as matrices."""
+        r"""Update the factors and return ``(m_t, d_t + eps)`` as matrices.
+
+        Reconstruction form (``current_gradient=False``): ``m_t`` and ``d_t`` come from the
+        factors *after* their Newton steps on ``g_t``. Current-gradient form: from the factors
+        *before* them, :math:`m_t = \beta_1 (BA)_{t-1} + (1-\beta_1) g_t` and
+        :math:`v_t = \beta_2 s_{t-1}^{\circ 2} + (1-\beta_2) g_t^{\circ 2}` (``"abs"``;
+        ``"square"``: :math:`\beta_2 \max(s_{t-1}, 0) + \ldots`), ``d_t = sqrt(v_t / (1 - beta2^t))``.
+        """
         beta1, beta2 = group["betas"]
         mode, solve_eps = group["second_moment"], group["solve_eps"]
+        current = group.get("current_gradient", False)
         v_B, v_A = state["v_B"], state["v_A"]
         g = grad.reshape(v_B.shape[0], -1)
+        if current:  # the history, read before the factors absorb g_t
+            s = v_B @ v_A
+            m = state["m_B"] @ state["m_A"] if "m_B" in state else None
         if "m_B" in state:
             _newton_pair_(state["m_B"], state["m_A"], g, 1.0 - math.sqrt(beta1), solve_eps)
-            m = state["m_B"] @ state["m_A"]
+            m = m.lerp_(g, 1.0 - beta1) if current else state["m_B"] @ state["m_A"]
         else:  # factor_first_moment=False: Adam's own EMA
             m = state["exp_avg"].lerp_(g, 1.0 - beta1)  # read-only below
         if mode == "abs":
             _newton_pair_(v_B, v_A, g.abs(), 1.0 - beta2 ** 0.25, solve_eps)
         else:
             _newton_pair_(v_B, v_A, g * g, 1.0 - math.sqrt(beta2), solve_eps)
+        if current:
+            s = s.square_() if mode == "abs" else s.clamp_min_(0.0)
+            s.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            bias2 = 1.0 - beta2 ** step_t
+            return m, (s.sqrt_() / bias2.sqrt().to(s.dtype)).add_(group["eps"])
         s = v_B @ v_A
         if mode == "abs":
             bias2 = 1.0 - math.sqrt(beta2) ** step_t
