@@ -11,7 +11,8 @@ prints the line that shows it got to its last table, prints no ``nan`` and saves
 tables and plots only under the temporary folder (``--smoke`` never writes to
 ``examples/output``).
 
-``digits.py`` needs scikit-learn (the ``examples`` extra) and is skipped without it;
+``digits.py`` needs scikit-learn (the ``examples`` extra) and ``hf_finetune.py`` the ``hf``
+extra; each is skipped without them;
 matplotlib and tqdm are optional for every example (no plot, plain progress lines).
 """
 import importlib.util
@@ -43,6 +44,8 @@ CASES = {
     "lowrank_layers.py": ((), "merged adapters:", False, False, FULL_GRID),
     "integrator_lab.py": ((), "| abc-PSI |", False, True, FULL_GRID),
     "check_my_integrator.py": ((), "## BUG: passes", False, False, FULL_GRID),
+    "hf_finetune.py": (("transformers", "peft", "accelerate", "safetensors"),
+                       "merged model reloaded by from_pretrained", True, True, FULL_GRID),
 }
 NAN = re.compile(r"\bnan\b", re.IGNORECASE)
 SAVED = re.compile(r"saved to (\S+)")
