@@ -768,3 +768,65 @@ def test_one_step_checks_shapes_once_and_computes_each_mask_once(name, monkeypat
         assert counts["shape"] == 0 and counts["integrator"] == 0
         assert counts["mask"] == len(layers)
         assert counts["field"] == (len(layers) if name.startswith("dlrt") else 0)
+
+
+def _rank_one_start(seed=1):
+    torch.manual_seed(seed)
+    return LowRankLinear(N, M, rank=1, bias=False, max_rank=CAP, tol=0.01, dtype=F64)
+
+
+def test_augment_every_cycle_core_steps_are_adam_on_the_core():
+    """Inside a cycle the bases stay fixed and the core takes torch.optim.Adam's steps on
+    autograd's dS (the reference: Adam on a plain core tensor in the same bases, started from
+    the state the cycle's first step left); the cycle's last step truncates to a diagonal core."""
+    k = 6
+    _, x, y = planted_problem()
+    layer = _rank_one_start()
+    opt = GeometricAdam(layer.parameters(), lr=1e-2, augment_every=k)
+    opt.zero_grad()
+    loss_fn(layer, x, y).backward()
+    opt.step()  # the cycle's augmentation
+    u0, s0, v0 = (t.detach().clone() for t in layer.manifold.unpack(layer.weight))
+    core = s0.clone().requires_grad_(True)
+    ref = torch.optim.Adam([core], lr=1e-2)
+    st = opt.state[layer.weight]
+    ref.state[core] = {"step": torch.tensor(float(st["step"])), "exp_avg": st["exp_avg"].clone(),
+                       "exp_avg_sq": st["exp_avg_sq"].clone()}
+    for _ in range(k - 2):
+        opt.zero_grad()
+        loss_fn(layer, x, y).backward()
+        opt.step()
+        ref.zero_grad()
+        (0.5 * ((x @ v0 @ core.T @ u0.T - y) ** 2).sum(-1).mean()).backward()
+        ref.step()
+        u, s, v = layer.manifold.unpack(layer.weight.detach())
+        assert torch.equal(u, u0) and torch.equal(v, v0)
+        torch.testing.assert_close(s, core.detach(), atol=1e-12, rtol=0)
+    opt.zero_grad()
+    loss_fn(layer, x, y).backward()
+    opt.step()  # the cycle's end: truncation by the layer's policy
+    s = layer.manifold.unpack(layer.weight.detach())[1]
+    assert torch.equal(s, torch.diag_embed(torch.diagonal(s)))
+    assert check_point(layer.weight) >= 1
+
+
+def test_augment_every_grows_the_rank_the_every_step_schedule_truncates():
+    """From rank 1 with tol 0.01, augmenting and truncating at every step drops each new
+    direction (its coefficients, ~lr, sit below the tolerance); the authors' cycle (augment
+    every 10 steps, core steps in between) finds the planted rank-3 matrix."""
+    w, x, y = planted_problem()
+    errors = {}
+    for k in (1, 10):
+        layer = _rank_one_start()
+        opt = GeometricAdam(layer.parameters(), lr=1e-2, augment_every=k)
+        train(layer, opt, x, y, 400)
+        errors[k] = (torch.linalg.matrix_norm(layer.dense_weight() - w) / torch.linalg.matrix_norm(w)).item()
+        if k == 1:
+            assert layer.active_rank == 1
+        else:
+            assert layer.active_rank >= R_TRUE
+    assert errors[10] < 0.1 < 0.5 < errors[1]
+    with pytest.raises(ValueError, match="fixed_rank"):
+        GeometricAdam(layer.parameters(), augment_every=10, fixed_rank=True)
+    with pytest.raises(ValueError, match="augment_every"):
+        GeometricAdam(layer.parameters(), augment_every=0)

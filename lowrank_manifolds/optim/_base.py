@@ -110,6 +110,13 @@ def rank_policy(group: dict, mask: Tensor, manifold: FixedRankManifold) -> Tuple
     ), None
 
 
+def capacity_policy(manifold: FixedRankManifold) -> Truncation:
+    """Truncation to the capacity alone (tolerance 0: every non-zero direction it can hold);
+    the manifold's own at fixed rank."""
+    t = manifold.truncation
+    return _tolerance_policy(0.0, t.relative, t.min_rank, manifold.capacity) if manifold.adaptive else t
+
+
 #: The truncation options of a param group; ``rank_tol`` and ``rank_relative`` are their
 #: deprecated names.
 _RENAMED_OPTIONS = {"rank_tol": "tol", "rank_relative": "relative"}

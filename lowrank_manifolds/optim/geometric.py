@@ -54,6 +54,7 @@ from ..manifold import FixedRankManifold
 from ._base import (
     LowRankOptimizer,
     adam_update,
+    capacity_policy,
     check_betas,
     rank_policy,
     riemannian_parts,
@@ -61,7 +62,7 @@ from ._base import (
     truncate,
     truncation_options,
 )
-from .._args import nonneg, unit_interval
+from .._args import nonneg, positive_int, unit_interval
 
 __all__ = ["GeometricSGD", "GeometricAdam"]
 
@@ -273,8 +274,25 @@ class GeometricAdam(LowRankOptimizer):
         paper's transport was the default; its 0.04 there came from rounding-level
         coefficients turned into full steps.)
 
+    augment_every : int
+        The schedule. ``1`` (default): augment and truncate at every step, as above.
+        ``k > 1``: the cycle of the authors' training code (RobustDLRT's augmented-BUG
+        layers: augment every ``num_local_iter`` batches, AdamW on the augmented core in
+        between, then truncate)::
+
+            step 0 of a cycle:  augment as above, Adam step on S^, keep the leading R singular
+                                directions (no tolerance: the new directions survive)
+            steps 1 .. k-1:     bases fixed; G_S = U^T G V (autograd's dS, all blocks, the
+                                new x new one included, so the rank grows at first order);
+                                Adam on S with the moments in these bases (no transport)
+            step k-1 also:      truncate S by the weight's policy, moments transported
+
+        Between augmentations the weight is held in the augmented bases with a general
+        (not diagonal, possibly singular) core. Needs ``fixed_rank=False``.
+
     Cost as :class:`GeometricSGD`; two ``R x R`` states and a step counter. Ordinary
-    parameters: ``torch.optim.Adam`` / ``AdamW`` formulas.
+    parameters: ``torch.optim.Adam`` / ``AdamW`` formulas. A core-only step costs
+    :math:`O(R^3)` (an ``R x R`` SVD on the cycle's last step only).
     """
 
     def __init__(
@@ -290,13 +308,14 @@ class GeometricAdam(LowRankOptimizer):
         fixed_rank: bool = False,
         m2_transport: str = "squared",
         perp_second_moment: str = "entrywise",
+        augment_every: int = 1,
         **deprecated: Any,
     ):
         defaults = dict(
             truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
             lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, m2_transport=m2_transport,
-            perp_second_moment=perp_second_moment,
+            perp_second_moment=perp_second_moment, augment_every=augment_every,
         )
         super().__init__(params, defaults)
 
@@ -307,6 +326,10 @@ class GeometricAdam(LowRankOptimizer):
         group.setdefault("m2_transport", "squared")
         if group["m2_transport"] not in ("sqrt", "squared"):
             raise ValueError(f"m2_transport must be 'sqrt' or 'squared', got {group['m2_transport']!r}")
+        group.setdefault("augment_every", 1)
+        positive_int(group["augment_every"], "augment_every")
+        if group["augment_every"] > 1 and group["fixed_rank"]:
+            raise ValueError("augment_every > 1 grows the rank inside a cycle: it needs fixed_rank=False")
         group.setdefault("perp_second_moment", "entrywise")
         if group["perp_second_moment"] not in ("entrywise", "scalar"):
             raise ValueError(
@@ -320,6 +343,12 @@ class GeometricAdam(LowRankOptimizer):
         )
 
     def _lowrank_step(self, p, grad, group, state):
+        k = group["augment_every"]
+        phase = state.get("phase", 0)
+        if k > 1:
+            state["phase"] = (phase + 1) % k
+        if phase > 0:
+            return self._core_step(p, grad, group, state, last=phase == k - 1)
         manifold = p.manifold
         lr, wd = group["lr"], group["weight_decay"]
         b1, b2 = group["betas"]
@@ -329,7 +358,7 @@ class GeometricAdam(LowRankOptimizer):
         uh, vh, s0, gh, mask, (core, up, vp) = _augment(p, grad, manifold)
         if wd:
             gh = gh + wd * s0
-        if not state:
+        if "step" not in state:
             state["step"] = 0
             cap = manifold.capacity
             state["exp_avg"] = p.new_zeros(*p.shape[:-2], cap, cap)
@@ -366,10 +395,44 @@ class GeometricAdam(LowRankOptimizer):
         # Exactly zero outside the tangent support (also for eps = 0, where 0 / 0 would be NaN).
         direction = torch.where(core | up | vp, m1 / denom, 0.0)
         sh = s0 - (lr / (1 - b1**step)) * direction
-        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))
-        state["exp_avg"] = mT(p_r) @ m1 @ q_r
-        # m2_transport (class docstring): the squared transport cannot cancel; the paper's
-        # square-root transport can, so it is floored by the squared one.
-        m2_t = mT(p_r * p_r) @ m2 @ (q_r * q_r)
-        state["exp_avg_sq"] = m2_t if squared else torch.maximum(m2_t, (mT(p_r) @ m2.sqrt() @ q_r).square())
+        # a cycle's first step keeps every direction the capacity holds: truncated at its end
+        policy = rank_policy(group, mask, manifold) if k == 1 else (capacity_policy(manifold), None)
+        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *policy)
+        _transport(state, m1, m2, p_r, q_r, squared)
         self._write(p, u1, s1, v1)
+
+    def _core_step(self, p, grad, group, state, last: bool) -> None:
+        """A step inside a cycle (``augment_every``): Adam on the core in fixed bases, then,
+        on the cycle's last step, the truncation by the weight's policy."""
+        manifold = p.manifold
+        lr, wd = group["lr"], group["weight_decay"]
+        b1, b2 = group["betas"]
+        u, s, v = manifold.unpack(p, check=False)
+        mask = manifold.active_mask(u)
+        block = (mask.unsqueeze(-1) * mask.unsqueeze(-2)) > 0
+        if wd and group["decoupled_weight_decay"]:
+            s.mul_(1 - lr * wd)
+            wd = 0.0
+        g = manifold.unpack(grad, check=False)[1]
+        g = torch.where(block, g + wd * s if wd else g, 0.0)
+        state["step"] += 1
+        step = state["step"]
+        m1 = state["exp_avg"].lerp_(g, 1 - b1)
+        m2 = state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        direction = torch.where(block, m1 / (m2.sqrt() / math.sqrt(1 - b2**step) + group["eps"]), 0.0)
+        s_new = s - (lr / (1 - b1**step)) * direction
+        if not last:
+            s.copy_(s_new)
+            return
+        u1, s1, v1, p_r, q_r = truncate(u, s_new, v, *rank_policy(group, block.any(-1), manifold))
+        _transport(state, m1, m2, p_r, q_r, group["m2_transport"] == "squared")
+        self._write(p, u1, s1, v1)
+
+
+def _transport(state: dict, m1: Tensor, m2: Tensor, p_r: Tensor, q_r: Tensor, squared: bool) -> None:
+    """Adam's moments through a truncation's kept singular vectors (``m2_transport``): the
+    squared transport cannot cancel; the paper's square-root one can, so it is floored by
+    the squared one."""
+    state["exp_avg"] = mT(p_r) @ m1 @ q_r
+    m2_t = mT(p_r * p_r) @ m2 @ (q_r * q_r)
+    state["exp_avg_sq"] = m2_t if squared else torch.maximum(m2_t, (mT(p_r) @ m2.sqrt() @ q_r).square())
