@@ -194,6 +194,32 @@ def test_adapters_alone_save_and_load_bit_identically(build, targets, tmp_path):
     assert not torch.equal(logits(other, x), out)
 
 
+@pytest.mark.parametrize("how", ["direct", "no-exact-init"])
+def test_adapters_without_a_recorded_initial_correction_load_bit_identically(how, tmp_path):
+    pytest.importorskip("safetensors")
+    model = llama()
+    if how == "direct":  # built by hand: Delta0 unknown, so the folded base weight is saved
+        attn = model.model.layers[0].self_attn
+        attn.q_proj = LowRankAdapterLinear(attn.q_proj, 2, max_rank=4, tol=0.05)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith("delta"))
+    else:  # the base is left untouched: nothing to save but the corrections
+        add_adapters(model, rank=2, include=["*v_proj"], exact_init=False)
+    _train_a_little(model)
+    x = tokens()
+    out = logits(model, x)
+    save_lowrank(model, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "lowrank.safetensors"), "pt") as f:
+        keys = sorted(f.keys())
+    if how == "direct":
+        assert keys == ["model.layers.0.self_attn.q_proj.base.weight", "model.layers.0.self_attn.q_proj.delta"]
+    else:
+        assert all(k.endswith(".delta") for k in keys) and len(keys) == 2
+    assert torch.equal(logits(load_lowrank(llama(), tmp_path), x), out)
+
+
 def test_lowrank_state_save_and_load_bit_identically(tmp_path):
     pytest.importorskip("safetensors")
     model = llama()

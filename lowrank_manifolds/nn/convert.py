@@ -36,14 +36,6 @@ def _as_patterns(patterns: Patterns, name: str) -> Optional[Tuple[str, ...]]:
     return patterns
 
 
-def _selected(qualname: str, include, exclude) -> bool:
-    if include is not None and not any(fnmatch.fnmatchcase(qualname, p) for p in include):
-        return False
-    if exclude is not None and any(fnmatch.fnmatchcase(qualname, p) for p in exclude):
-        return False
-    return True
-
-
 def _owners(module: nn.Module) -> Dict[int, List[str]]:
     """``id(parameter) -> the qualified names under which it is registered`` (tied weights: several)."""
     owners: Dict[int, List[str]] = {}
