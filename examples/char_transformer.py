@@ -260,7 +260,7 @@ def make_optimizer(method, model, lr, args):
         return torch.optim.Adam(model.parameters(), lr=lr, betas=BETAS)
     if method == "GeometricAdam":
         fixes = dict(perp_second_moment="scalar", m2_transport="squared") if args.geo_fixes else {}
-        return GeometricAdam(model.parameters(), lr=lr, betas=BETAS, **fixes)
+        return GeometricAdam(model.parameters(), lr=lr, betas=BETAS, augment_every=args.augment_every, **fixes)
     if method == "DLRT abc-PSI":
         low = mlp_weights(model)
         other = [p for p in model.parameters() if all(p is not q for q in low)]
@@ -451,6 +451,8 @@ def add_arguments(p):
     p.add_argument("--lorapre-scope", choices=["blocks", "all"], default="blocks",
                    help="part b: factor only the blocks' linear weights (default; embeddings, head, "
                         "vectors keep dense Adam state) or every weight matrix")
+    p.add_argument("--augment-every", type=int, default=1,
+                   help="GeometricAdam's schedule: augment every k steps, core steps in between")
     p.add_argument("--grid", action="store_true", help="each method at lr x {1/3, 1, 3}, keep the best")
     p.add_argument("--only", default="", help="comma-separated subset of the methods (for lr sweeps)")
     p.add_argument("--tag", default="", help="suffix of the output files")
