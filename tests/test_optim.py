@@ -830,3 +830,75 @@ def test_augment_every_grows_the_rank_the_every_step_schedule_truncates():
         GeometricAdam(layer.parameters(), augment_every=10, fixed_rank=True)
     with pytest.raises(ValueError, match="augment_every"):
         GeometricAdam(layer.parameters(), augment_every=0)
+
+
+@pytest.mark.parametrize("integrator", ["augmented-bug"])
+def test_dlrt_adam_core_first_steps_against_a_dense_reference(integrator):
+    """``DLRT(core="adam")``: the integrator's augmented bases, Adam on the Galerkin
+    coefficients of the dense float64 gradient, moments carried by M = U^^T U, N = V^T V^ and
+    by the truncation's singular vectors; two steps against formulas on dense matrices."""
+    _, x, y = planted_problem()
+    layer = _layer_with_tol(0.05)
+    opt = DLRT(layer.parameters(), lr=0.02, integrator=integrator, core="adam", model=layer)
+    b1, b2, eps, lr = 0.9, 0.999, 1e-8, 0.02
+    cls = {"augmented-bug": AugmentedBUG}[integrator]
+    m1 = m2 = None
+    for t in (1, 2):
+        u, s, v = (z.detach().clone() for z in layer.manifold.unpack(layer.weight))
+        r = int(layer.active_rank)
+        u, s, v = u[:, :r], s[:r, :r], v[:, :r]
+        w = (u @ s @ v.T).requires_grad_(True)
+        loss_fn(lambda z: z @ w.T, x, y).backward()
+        g = w.grad
+        uh, _, vh = cls().augmented_step(u, s, v, MatrixField(-g), lr)
+        mu, nv = uh.T @ u, v.T @ vh
+        gh = uh.T @ g @ vh
+        m1 = (1 - b1) * gh if m1 is None else b1 * (mu @ m1 @ nv) + (1 - b1) * gh
+        m2 = (1 - b2) * gh**2 if m2 is None else b2 * ((mu * mu) @ m2 @ (nv * nv)) + (1 - b2) * gh**2
+        sh = mu @ s @ nv - lr / (1 - b1**t) * m1 / (torch.sqrt(m2 / (1 - b2**t)) + eps)
+        p_, sv, qh = torch.linalg.svd(sh)
+        k = int(truncation_rank_ref(sv, 0.05))
+        w_ref = (uh @ p_[:, :k]) @ torch.diag(sv[:k]) @ (qh[:k].T.T @ vh.T)
+        m1 = p_[:, :k].T @ m1 @ qh[:k].T
+        m2 = (p_[:, :k] ** 2).T @ m2 @ (qh[:k].T ** 2)
+        opt.zero_grad()
+        loss_fn(layer, x, y).backward()
+        opt.step()
+        torch.testing.assert_close(layer.dense_weight().detach(), w_ref, atol=1e-10, rtol=0)
+        assert layer.active_rank == k
+
+
+def truncation_rank_ref(sv, tol):
+    """The smallest rank whose discarded tail has norm <= tol * ||s|| (dense reference)."""
+    total = torch.linalg.vector_norm(sv)
+    for k in range(1, len(sv) + 1):
+        if torch.linalg.vector_norm(sv[k:]) <= tol * total:
+            return k
+    return len(sv)
+
+
+def test_dlrt_momentum_and_adam_cores_train_and_checkpoint():
+    """The heavy-ball core grows the rank from 1 to the planted 3 and converges; the Adam core
+    (whose steps are ~lr in every coefficient, so the tolerance must sit above that floor)
+    trains from rank 3 as GeometricAdam does; both resume bit-identically from a checkpoint.
+    abc-PSI and parallel BUG are refused."""
+    w, x, y = planted_problem()
+    for core, lr, start, tol, bound in (("momentum", 0.1, 1, 0.01, 1e-6), ("adam", 1e-2, 3, 0.05, 0.05)):
+        torch.manual_seed(1)
+        layer = LowRankLinear(N, M, rank=start, bias=False, max_rank=CAP, tol=tol, dtype=F64)
+        opt = DLRT(layer.parameters(), lr=lr, integrator="augmented-bug", core=core, momentum=0.9, model=layer)
+        train(layer, opt, x, y, 150)
+        twin = copy.deepcopy(layer)
+        opt2 = DLRT(twin.parameters(), lr=lr, integrator="augmented-bug", core=core, momentum=0.9, model=twin)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        opt2.load_state_dict(torch.load(buf))
+        train(layer, opt, x, y, 150)
+        train(twin, opt2, x, y, 150)
+        assert torch.equal(layer.weight, twin.weight)
+        err = (torch.linalg.matrix_norm(layer.dense_weight() - w) / torch.linalg.matrix_norm(w)).item()
+        assert err < bound and layer.active_rank == R_TRUE, (core, err, layer.active_rank)
+    for name in ("abc-psi", "parallel-bug"):
+        with pytest.raises(ValueError, match="augmented-bug"):
+            DLRT(layer.parameters(), lr=0.1, integrator=name, core="adam")

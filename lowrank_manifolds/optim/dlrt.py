@@ -167,6 +167,28 @@ class DLRT(LowRankOptimizer):
         Added to the field (low-rank) and as L2 / decoupled (ordinary parameters).
     euclidean : {"sgd", "adam", "adamw"}
         Update of ordinary parameters; ``momentum``, ``betas``, ``eps`` configure it.
+    core : {"flow", "momentum", "adam"}
+        The update of the low-rank weights' coefficients. ``"flow"`` (default): the
+        integrator's own step, plain gradient flow with ``h = lr``. ``"momentum"`` and
+        ``"adam"``: the integrator gives the augmented bases :math:`\hat U, \hat V` only,
+        and the core is trained on the Galerkin coefficients of the field, as the authors'
+        code trains the augmented core (RobustDLRT, augmented-BUG layers with AdamW)::
+
+            M = U^^T U,  N = V^T V^,  S^_0 = M S N            (the point in the new bases)
+            G^ = -U^^T F V^                                  (all blocks: the new x new one
+                                                              grows the rank at first order)
+            momentum:  b <- momentum * (M b N) + G^,         S^ = S^_0 - lr b
+            adam:      m <- b1 (M m N) + (1 - b1) G^,
+                       v <- b2 (M*M) v (N*N) + (1 - b2) G^*G^  (squared transport, cannot cancel)
+                       S^ = S^_0 - lr m_hat / (sqrt(v_hat) + eps)
+            truncate S^ = P diag(s) Q^T; states -> P_r^T . Q_r (v with P_r*P_r, Q_r*Q_r)
+
+        with ``momentum``, ``betas``, ``eps`` as for ordinary parameters. States ``R x R``.
+        Needs ``integrator="augmented-bug"``: its bases contain ``U`` and ``V`` (so
+        :math:`\hat U \hat S_0 \hat V^\top` is the point) and leave no block of
+        :math:`\hat G` zero only to rounding (parallel BUG's QR of ``[U, K]`` does: Adam would
+        turn that rounding into full steps; :class:`GeometricAdam` is that method with exact
+        zeros). abc-PSI's ``V^`` does not contain ``V``.
     model : nn.Module, optional
         Attach a :class:`GradientRecorder` to this model. A
         ``torch.nn.parallel.DistributedDataParallel`` module is recorded through its
@@ -191,12 +213,13 @@ class DLRT(LowRankOptimizer):
         eps: float = 1e-8,
         model: Optional[nn.Module] = None,
         grad_rtol: Optional[float] = None,
+        core: str = "flow",
         **deprecated: Any,
     ):
         defaults = dict(
             truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
             lr=lr, integrator=integrator, weight_decay=weight_decay, euclidean=euclidean, momentum=momentum,
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps, core=core,
         )
         super().__init__(params, defaults)
         self._process_group = None
@@ -234,6 +257,16 @@ class DLRT(LowRankOptimizer):
         if group["euclidean"] not in ("sgd", "adam", "adamw"):
             raise ValueError(f"euclidean must be 'sgd', 'adam' or 'adamw', got {group['euclidean']!r}")
         unit_interval(group["momentum"], "momentum")
+        group.setdefault("core", "flow")
+        if group["core"] not in ("flow", "momentum", "adam"):
+            raise ValueError(f"core must be 'flow', 'momentum' or 'adam', got {group['core']!r}")
+        if group["core"] != "flow" and group["integrator"] != "augmented-bug":
+            raise ValueError(
+                f"core={group['core']!r} trains the core in augmented BUG's bases: use "
+                "integrator='augmented-bug' (abc-PSI's V^ does not contain V; parallel BUG's bases make "
+                "blocks of G^ zero only to rounding, which Adam would turn into full steps: "
+                "GeometricAdam is that method with the zeros exact)"
+            )
         check_betas(group["betas"])
         nonneg(group["eps"], "eps")
 
@@ -408,6 +441,43 @@ class DLRT(LowRankOptimizer):
             u, s, v = manifold.unpack(p, check=False)
             mask, r = self._active_of(p)
         integrator = _INSTANCES[group["integrator"]]
-        uh, sh, vh = integrator.augmented_step(u[..., :r], s[..., :r, :r], v[..., :r], field, group["lr"])
-        u1, s1, v1, _, _ = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))
+        u, s, v = u[..., :r], s[..., :r, :r], v[..., :r]
+        uh, sh, vh = integrator.augmented_step(u, s, v, field, group["lr"])
+        if group["core"] != "flow":
+            sh, states = self._core_update(u, s, v, uh, vh, field, group, state)
+        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))
+        if group["core"] != "flow":
+            for key, x in states.items():  # the coefficient states follow the kept directions
+                sq = key == "exp_avg_sq"
+                state[key] = mT(p_r * p_r if sq else p_r) @ x @ (q_r * q_r if sq else q_r)
         self._write(p, u1, s1, v1)
+
+    @staticmethod
+    def _core_update(u, s, v, uh, vh, field, group, state):
+        """``core="momentum"|"adam"`` (class docstring): the augmented core ``S^`` and the
+        coefficient states in the augmented bases."""
+        a, b = field.evaluate(u, s, v, 0.0)  # F = A B^T (recorded or tangent field)
+        mu, nv = mT(uh) @ u, mT(v) @ vh  # M = U^^T U, N = V^T V^
+        s0 = mu @ s @ nv
+        g = -(mT(uh) @ a) @ (mT(b) @ vh)  # G^ = -U^^T F V^
+        r, lr = u.shape[-1], group["lr"]
+        state["step"] = state.get("step", 0) + 1
+
+        def embedded(key):  # a state of the old bases in the augmented ones (None on the first step)
+            x = state.get(key)
+            if x is None:
+                return None
+            sq = key == "exp_avg_sq"
+            return (mu * mu if sq else mu) @ x[..., :r, :r] @ (nv * nv if sq else nv)
+
+        if group["core"] == "momentum":
+            buf = embedded("momentum_buffer")
+            buf = g if buf is None else buf.mul_(group["momentum"]).add_(g)
+            return s0 - lr * buf, {"momentum_buffer": buf}
+        b1, b2 = group["betas"]
+        t = state["step"]
+        m1, m2 = embedded("exp_avg"), embedded("exp_avg_sq")
+        m1 = (1 - b1) * g if m1 is None else m1.lerp_(g, 1 - b1)
+        m2 = (1 - b2) * g * g if m2 is None else m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+        direction = m1 / (m2.sqrt() / math.sqrt(1 - b2**t) + group["eps"])
+        return s0 - (lr / (1 - b1**t)) * direction, {"exp_avg": m1, "exp_avg_sq": m2}
