@@ -85,6 +85,11 @@ class FixedRankManifold(Manifold):
         (default): on the CPU, where the check is free, and not on other devices, where it
         costs a host synchronisation per parameter and step; ``True`` / ``False`` force it
         on or off everywhere. Tensors on the ``meta`` device are never checked.
+    second_moment : {"scalar", "rows"}
+        :meth:`component_inner`, the (untransported) second moment of geoopt's ``RiemannianAdam``.
+        ``"scalar"`` (default): the metric, one number per matrix, steps of norm about ``lr``.
+        ``"rows"``: the mean squares of each row of ``Up`` and ``Vp`` and of ``M``, invariant
+        under the gauge, steps of about ``lr`` per entry (docs/training.md, ``RiemannianAdam``).
 
     Attributes
     ----------
@@ -120,8 +125,12 @@ class FixedRankManifold(Manifold):
         min_rank: int = 1,
         retraction: Any = "metric",
         check_finite: Optional[bool] = None,
+        second_moment: str = "scalar",
     ):
         super().__init__()
+        if second_moment not in ("scalar", "rows"):
+            raise ValueError(f"second_moment must be 'scalar' or 'rows', got {second_moment!r}")
+        self.second_moment = second_moment
         if check_finite is not None and not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be None, True or False, got {check_finite!r}")
         self.check_finite = check_finite
@@ -515,6 +524,16 @@ class FixedRankManifold(Manifold):
         batch = torch.broadcast_shapes(x.shape[:-2], u.shape[:-2], v.shape[:-2])
         out = torch.linalg.vecdot(u.flatten(-2), v.flatten(-2)).expand(batch)  # no u * v temporary
         return out[..., None, None] if keepdim else out
+
+    def component_inner(self, x: Tensor, u: Tensor, v: Optional[Tensor] = None) -> Tensor:
+        """``inner(x, u, v, keepdim=True)``; ``"rows"``: the packed mean of ``u * v`` over the active
+        columns of each row of ``Up``, ``Vp`` and over ``M``'s active block, broadcast across it."""
+        if self.second_moment == "scalar":
+            return self.inner(x, u, v, keepdim=True)
+        up, mm, vp, r = *self.unpack(u * (u if v is None else v)), self.capacity
+        k = (self.active_rank(x).to(up.dtype).clamp(min=1) if self.adaptive else up.new_tensor(float(r)).expand(x.shape[:-2]))[..., None, None]
+        c = mm.sum((-2, -1), keepdim=True) / (k * k)
+        return cat_rows(*(t.expand(*t.shape[:-1], r) for t in (up.sum(-1, keepdim=True) / k, c.expand(*c.shape[:-2], r, 1), vp.sum(-1, keepdim=True) / k)))
 
     # ------------------------------------------------------------ retractions
     def retr(self, x: Tensor, u: Tensor) -> Tensor:
