@@ -810,7 +810,12 @@ def test_augment_every_cycle_core_steps_are_adam_on_the_core():
     assert check_point(layer.weight) >= 1
 
 
-def test_augment_every_grows_the_rank_the_every_step_schedule_truncates():
+@pytest.mark.parametrize("make", [
+    lambda layer, k: GeometricAdam(layer.parameters(), lr=1e-2, augment_every=k),
+    lambda layer, k: DLRT(layer.parameters(), lr=1e-2, integrator="augmented-bug", core="adam", augment_every=k,
+                          model=layer),
+], ids=["geometric-adam", "dlrt-adam"])
+def test_augment_every_grows_the_rank_the_every_step_schedule_truncates(make):
     """From rank 1 with tol 0.01, augmenting and truncating at every step drops each new
     direction (its coefficients, ~lr, sit below the tolerance); the authors' cycle (augment
     every 10 steps, core steps in between) finds the planted rank-3 matrix."""
@@ -818,7 +823,7 @@ def test_augment_every_grows_the_rank_the_every_step_schedule_truncates():
     errors = {}
     for k in (1, 10):
         layer = _rank_one_start()
-        opt = GeometricAdam(layer.parameters(), lr=1e-2, augment_every=k)
+        opt = make(layer, k)
         train(layer, opt, x, y, 400)
         errors[k] = (torch.linalg.matrix_norm(layer.dense_weight() - w) / torch.linalg.matrix_norm(w)).item()
         if k == 1:
@@ -830,6 +835,8 @@ def test_augment_every_grows_the_rank_the_every_step_schedule_truncates():
         GeometricAdam(layer.parameters(), augment_every=10, fixed_rank=True)
     with pytest.raises(ValueError, match="augment_every"):
         GeometricAdam(layer.parameters(), augment_every=0)
+    with pytest.raises(ValueError, match="augment_every"):
+        DLRT(layer.parameters(), lr=0.1, integrator="augmented-bug", augment_every=10)  # core="flow"
 
 
 @pytest.mark.parametrize("integrator", ["augmented-bug"])

@@ -31,6 +31,7 @@ autograd's gradient on the packed factors is :math:`dU = G V S^\top`,
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import geoopt
@@ -115,6 +116,57 @@ def capacity_policy(manifold: FixedRankManifold) -> Truncation:
     the manifold's own at fixed rank."""
     t = manifold.truncation
     return _tolerance_policy(0.0, t.relative, t.min_rank, manifold.capacity) if manifold.adaptive else t
+
+
+def cycle_phase(group: dict, state: dict) -> int:
+    """This step's place in its augmentation cycle (the group's ``augment_every = k``): 0
+    augments, ``1 .. k-1`` train the core in fixed bases; advances the weight's counter."""
+    k = group.get("augment_every", 1)
+    phase = state.get("phase", 0)
+    if k > 1:
+        state["phase"] = (phase + 1) % k
+    return phase
+
+
+def core_adam_step(p: Tensor, grad: Tensor, group: dict, state: dict, last: bool) -> None:
+    """A step inside an augmentation cycle: the bases stay, Adam runs on the core with
+    autograd's ``dS = U^T G V`` (every block of the active core) and the moments of these
+    bases (no transport); on the cycle's ``last`` step the core is truncated by the weight's
+    policy and the moments follow the kept singular vectors."""
+    manifold = p.manifold
+    lr, wd = group["lr"], group["weight_decay"]
+    b1, b2 = group["betas"]
+    u, s, v = manifold.unpack(p, check=False)
+    mask = manifold.active_mask(u)
+    block = (mask.unsqueeze(-1) * mask.unsqueeze(-2)) > 0
+    if wd and group.get("decoupled_weight_decay", False):
+        s.mul_(1 - lr * wd)
+        wd = 0.0
+    g = manifold.unpack(grad, check=False)[1]
+    g = torch.where(block, g + wd * s if wd else g, 0.0)
+    state["step"] += 1
+    step = state["step"]
+    m1 = state["exp_avg"].lerp_(g, 1 - b1)
+    m2 = state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+    direction = torch.where(block, m1 / (m2.sqrt() / math.sqrt(1 - b2**step) + group["eps"]), 0.0)
+    s_new = s - (lr / (1 - b1**step)) * direction
+    if not last:
+        s.copy_(s_new)
+        return
+    u1, s1, v1, p_r, q_r = truncate(u, s_new, v, *rank_policy(group, block.any(-1), manifold))
+    transport_moments(state, m1, m2, p_r, q_r, group.get("m2_transport", "squared") == "squared")
+    p.copy_(manifold.pad(u1, s1, v1))
+
+
+def transport_moments(state: dict, m1: Tensor, m2: Tensor, p_r: Tensor, q_r: Tensor, squared: bool) -> None:
+    r"""Adam's moments through a truncation's kept singular vectors ``P_r``, ``Q_r``:
+    :math:`P_r^\top m_1 Q_r`, and the second moment squared,
+    :math:`(P_r^{\circ 2})^\top m_2 Q_r^{\circ 2}` (a convex combination: cannot cancel), or
+    (``squared=False``) the square-root transport :math:`(P_r^\top \sqrt{m_2} Q_r)^{\circ 2}`
+    floored by the squared one."""
+    state["exp_avg"] = mT(p_r) @ m1 @ q_r
+    m2_t = mT(p_r * p_r) @ m2 @ (q_r * q_r)
+    state["exp_avg_sq"] = m2_t if squared else torch.maximum(m2_t, (mT(p_r) @ m2.sqrt() @ q_r).square())
 
 
 #: The truncation options of a param group; ``rank_tol`` and ``rank_relative`` are their

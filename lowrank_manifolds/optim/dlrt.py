@@ -20,6 +20,9 @@ from torch import Tensor, nn
 from .._linalg import cat_last, mT, pinv_core
 from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
+    capacity_policy,
+    core_adam_step,
+    cycle_phase,
     LowRankOptimizer,
     adam_update,
     check_betas,
@@ -31,7 +34,7 @@ from ._base import (
     truncate,
     truncation_options,
 )
-from .._args import nonneg, unit_interval
+from .._args import nonneg, positive_int, unit_interval
 from .recorder import GradientRecorder
 
 __all__ = ["DLRT"]
@@ -184,6 +187,10 @@ class DLRT(LowRankOptimizer):
             truncate S^ = P diag(s) Q^T; states -> P_r^T . Q_r (v with P_r*P_r, Q_r*Q_r)
 
         with ``momentum``, ``betas``, ``eps`` as for ordinary parameters. States ``R x R``.
+        With ``augment_every = k > 1`` (``core="adam"``) the authors' cycle: this step keeps
+        every direction the capacity holds, the next ``k - 1`` steps run Adam on the core in
+        fixed bases (autograd's ``dS``), the last of them truncates by the weight's policy
+        (as :class:`GeometricAdam`'s ``augment_every``).
         Needs ``integrator="augmented-bug"``: its bases contain ``U`` and ``V`` (so
         :math:`\hat U \hat S_0 \hat V^\top` is the point) and leave no block of
         :math:`\hat G` zero only to rounding (parallel BUG's QR of ``[U, K]`` does: Adam would
@@ -214,12 +221,14 @@ class DLRT(LowRankOptimizer):
         model: Optional[nn.Module] = None,
         grad_rtol: Optional[float] = None,
         core: str = "flow",
+        augment_every: int = 1,
         **deprecated: Any,
     ):
         defaults = dict(
             truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
             lr=lr, integrator=integrator, weight_decay=weight_decay, euclidean=euclidean, momentum=momentum,
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps, core=core,
+            augment_every=augment_every,
         )
         super().__init__(params, defaults)
         self._process_group = None
@@ -260,6 +269,10 @@ class DLRT(LowRankOptimizer):
         group.setdefault("core", "flow")
         if group["core"] not in ("flow", "momentum", "adam"):
             raise ValueError(f"core must be 'flow', 'momentum' or 'adam', got {group['core']!r}")
+        group.setdefault("augment_every", 1)
+        positive_int(group["augment_every"], "augment_every")
+        if group["augment_every"] > 1 and (group["core"] != "adam" or group["fixed_rank"]):
+            raise ValueError("augment_every > 1 is the cycle of core='adam' (and grows the rank: not with fixed_rank)")
         if group["core"] != "flow" and group["integrator"] != "augmented-bug":
             raise ValueError(
                 f"core={group['core']!r} trains the core in augmented BUG's bases: use "
@@ -430,6 +443,10 @@ class DLRT(LowRankOptimizer):
         return TangentField(u[..., :r], v[..., :r], -up[..., :r], -mm[..., :r, :r], -vp[..., :r])
 
     def _lowrank_step(self, p, grad, group, state):
+        k = group["augment_every"]
+        phase = cycle_phase(group, state)
+        if phase > 0:  # inside a cycle of core="adam": Adam on the core, bases fixed
+            return core_adam_step(p, grad, group, state, phase == k - 1)
         manifold = p.manifold
         field = self._fields.get(id(p))  # recorded: built and checked before any step
         if field is None:  # the tangent field from p.grad
@@ -445,7 +462,8 @@ class DLRT(LowRankOptimizer):
         uh, sh, vh = integrator.augmented_step(u, s, v, field, group["lr"])
         if group["core"] != "flow":
             sh, states = self._core_update(u, s, v, uh, vh, field, group, state)
-        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))
+        policy = rank_policy(group, mask, manifold) if k == 1 else (capacity_policy(manifold), None)
+        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *policy)
         if group["core"] != "flow":
             for key, x in states.items():  # the coefficient states follow the kept directions
                 sq = key == "exp_avg_sq"

@@ -56,10 +56,13 @@ from ._base import (
     adam_update,
     capacity_policy,
     check_betas,
+    core_adam_step,
+    cycle_phase,
     rank_policy,
     riemannian_parts,
     sgd_update,
     truncate,
+    transport_moments,
     truncation_options,
 )
 from .._args import nonneg, positive_int, unit_interval
@@ -344,11 +347,9 @@ class GeometricAdam(LowRankOptimizer):
 
     def _lowrank_step(self, p, grad, group, state):
         k = group["augment_every"]
-        phase = state.get("phase", 0)
-        if k > 1:
-            state["phase"] = (phase + 1) % k
+        phase = cycle_phase(group, state)
         if phase > 0:
-            return self._core_step(p, grad, group, state, last=phase == k - 1)
+            return core_adam_step(p, grad, group, state, phase == k - 1)
         manifold = p.manifold
         lr, wd = group["lr"], group["weight_decay"]
         b1, b2 = group["betas"]
@@ -398,41 +399,5 @@ class GeometricAdam(LowRankOptimizer):
         # a cycle's first step keeps every direction the capacity holds: truncated at its end
         policy = rank_policy(group, mask, manifold) if k == 1 else (capacity_policy(manifold), None)
         u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *policy)
-        _transport(state, m1, m2, p_r, q_r, squared)
+        transport_moments(state, m1, m2, p_r, q_r, squared)
         self._write(p, u1, s1, v1)
-
-    def _core_step(self, p, grad, group, state, last: bool) -> None:
-        """A step inside a cycle (``augment_every``): Adam on the core in fixed bases, then,
-        on the cycle's last step, the truncation by the weight's policy."""
-        manifold = p.manifold
-        lr, wd = group["lr"], group["weight_decay"]
-        b1, b2 = group["betas"]
-        u, s, v = manifold.unpack(p, check=False)
-        mask = manifold.active_mask(u)
-        block = (mask.unsqueeze(-1) * mask.unsqueeze(-2)) > 0
-        if wd and group["decoupled_weight_decay"]:
-            s.mul_(1 - lr * wd)
-            wd = 0.0
-        g = manifold.unpack(grad, check=False)[1]
-        g = torch.where(block, g + wd * s if wd else g, 0.0)
-        state["step"] += 1
-        step = state["step"]
-        m1 = state["exp_avg"].lerp_(g, 1 - b1)
-        m2 = state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-        direction = torch.where(block, m1 / (m2.sqrt() / math.sqrt(1 - b2**step) + group["eps"]), 0.0)
-        s_new = s - (lr / (1 - b1**step)) * direction
-        if not last:
-            s.copy_(s_new)
-            return
-        u1, s1, v1, p_r, q_r = truncate(u, s_new, v, *rank_policy(group, block.any(-1), manifold))
-        _transport(state, m1, m2, p_r, q_r, group["m2_transport"] == "squared")
-        self._write(p, u1, s1, v1)
-
-
-def _transport(state: dict, m1: Tensor, m2: Tensor, p_r: Tensor, q_r: Tensor, squared: bool) -> None:
-    """Adam's moments through a truncation's kept singular vectors (``m2_transport``): the
-    squared transport cannot cancel; the paper's square-root one can, so it is floored by
-    the squared one."""
-    state["exp_avg"] = mT(p_r) @ m1 @ q_r
-    m2_t = mT(p_r * p_r) @ m2 @ (q_r * q_r)
-    state["exp_avg_sq"] = m2_t if squared else torch.maximum(m2_t, (mT(p_r) @ m2.sqrt() @ q_r).square())
