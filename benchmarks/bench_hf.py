@@ -19,6 +19,8 @@ except for the compression and the dense reference, which train everything):
 * ``adapters + DLRT aug-BUG`` / ``adapters + DLRT abc-PSI``: ``add_adapters(rank=8,
   max_rank=16, tol=0.1)``, ``DLRT(model=..., tol=0.1)`` (rank-adaptive);
 * ``adapters + GeometricAdam``: the same adapters, ``GeometricAdam(tol=0.1)``;
+* ``adapters cap 8 + DLRT aug-BUG``: ``max_rank=8`` (at most LoRA's rank, about its parameter
+  count); ``adapters tol 0.3 + DLRT aug-BUG``: capacity 16, ``tol=0.3`` (a coarser truncation);
 * ``compress + DLRT aug-BUG``: ``convert_to_low_rank(rank=24, max_rank=24, tol=0.1)`` of the
   base weights themselves (the model then stores fewer numbers), trained with DLRT (the other
   parameters, embeddings, norms and head, with AdamW at lr 1e-3 inside the same DLRT);
@@ -59,10 +61,14 @@ GRIDS = {
     "adapters + DLRT aug-BUG": [0.1, 0.3, 1.0],
     "adapters + DLRT abc-PSI": [0.1, 0.3, 1.0],
     "adapters + GeometricAdam": [1e-3, 3e-3, 1e-2],
+    "adapters cap 8 + DLRT aug-BUG": [0.1, 0.3, 1.0],
+    "adapters tol 0.3 + DLRT aug-BUG": [0.1, 0.3, 1.0],
     "compress + DLRT aug-BUG": [0.1, 0.3, 1.0],
     "dense AdamW": [3e-4, 1e-3, 3e-3],
 }
 ADAPTER_RANK, ADAPTER_CAP, TOL = 8, 16, 0.1
+# (initial rank, capacity, tolerance) of our adapters, by method
+ADAPTERS = {"adapters cap 8 + DLRT aug-BUG": (8, 8, TOL), "adapters tol 0.3 + DLRT aug-BUG": (8, 16, 0.3)}
 COMPRESS_RANK = 24
 
 
@@ -194,13 +200,14 @@ def setup(method, base, lr, steps):
                 counter["t"] += 1
                 model.base_model.update_and_allocate(counter["t"])
     elif method.startswith("adapters"):
-        add_adapters(model, rank=ADAPTER_RANK, max_rank=ADAPTER_CAP, tol=TOL, include=include)
+        rank, cap, tol = ADAPTERS.get(method, (ADAPTER_RANK, ADAPTER_CAP, TOL))
+        add_adapters(model, rank=rank, max_rank=cap, tol=tol, include=include)
         params = [p for p in model.parameters() if p.requires_grad]
         if "GeometricAdam" in method:
-            opt = GeometricAdam(params, lr=lr, tol=TOL)
+            opt = GeometricAdam(params, lr=lr, tol=tol)
         else:
             integ = "augmented-bug" if "aug-BUG" in method else "abc-psi"
-            opt = DLRT(params, lr=lr, integrator=integ, tol=TOL, model=model)
+            opt = DLRT(params, lr=lr, integrator=integ, tol=tol, model=model)
     elif method.startswith("compress"):
         convert_to_low_rank(model, rank=COMPRESS_RANK, max_rank=COMPRESS_RANK, tol=TOL, include=include)
         low = [p for p in model.parameters() if hasattr(p, "manifold")]
