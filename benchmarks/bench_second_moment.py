@@ -117,13 +117,7 @@ def run_matrix(spec, method, lr, seed):
             loss = 0.5 * (u @ s @ v.T - a).pow(2).sum()
         else:
             loss = 0.5 * (mask * (u @ s @ v.T - a)).pow(2).sum()
-        if not torch.isfinite(loss):
-            status = "diverged"
-            break
-        loss.backward()
-        try:
-            opt.step()
-        except (RuntimeError, ValueError, torch.linalg.LinAlgError):
+        if not _stepped(opt, loss):
             status = "diverged"
             break
         if small:
@@ -140,6 +134,18 @@ def run_matrix(spec, method, lr, seed):
     if not math.isfinite(err) or err > DIVERGED:
         status, err = "diverged", math.inf
     return dict(error=err, steps_to_1e6=to_1e6, status=status, steps=step)
+
+
+def _stepped(opt, loss) -> bool:
+    """Backward and one step; False if the loss is not finite or the step fails (diverged)."""
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    try:
+        opt.step()
+    except (RuntimeError, ValueError, torch.linalg.LinAlgError):
+        return False
+    return True
 
 
 def run_digits(method, lr, seed, epochs, quick):
@@ -165,13 +171,7 @@ def run_digits(method, lr, seed, epochs, quick):
             idx = perm[i : i + 64]
             opt.zero_grad()
             loss = loss_fn(model(xtr[idx]), ytr[idx])
-            if not torch.isfinite(loss):
-                status = "diverged"
-                break
-            loss.backward()
-            try:
-                opt.step()
-            except (RuntimeError, ValueError, torch.linalg.LinAlgError):
+            if not _stepped(opt, loss):
                 status = "diverged"
                 break
         if status == "diverged":
