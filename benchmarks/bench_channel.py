@@ -120,7 +120,7 @@ def main():
         },
     }
     info = _timing.machine_info(args.threads)
-    results = {"machine": info, "args": vars(args), "parts": {}}
+    results = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "out"}, "parts": {}}
     lines = [
         "# DLRT's gradient channel and the float64 cores: cost per training step",
         "",
