@@ -32,8 +32,9 @@ Equal memory: LoRA-Pre holds ``2 (p + q) r`` numbers per ``p x q`` block matrix,
 ``p + q`` per matrix: far less; its bytes are reported, not matched.
 
 Protocol: the learning rate of every method is chosen on seed 0 at ``--select-steps`` from
-its grid (``GRIDS``) at the ``--select-widths`` (other widths reuse the first one's rates);
-while the best rate is at an edge of the grid, one more point beyond that edge is run (up to
+its grid (``GRIDS``) at the first of the ``--select-widths``, and from the first width's best
+rate times (1/2, 1, 2) (``AROUND``) at the further ones (widths not selected reuse the first
+one's rates); while the best rate is at an edge of the grid, one more point beyond that edge is run (up to
 ``--max-extend`` = 3 points; every method alike). Then every method runs the ``--plan`` (width, run length, seeds) at its rate.
 The default plan (what fitted about an hour on a shared two-core machine): width 128, 300
 steps, seeds 0-2; width 256, 300 steps, seed 0, at the width-128 rates. The 1000-step runs
@@ -72,6 +73,14 @@ GRIDS = {m: ADAM_GRID for m in METHODS}
 GRIDS["Adafactor"] = (1e-2, 3e-2, 1e-1)  # its lr caps the relative step min(lr, 1/sqrt(t))
 DEFAULT_PLAN = "128:300:0,1,2;256:300:0"
 GALORE = {"GaLore (gap 200 / scale 0.25)": (200, 0.25), "GaLore (gap 50 / scale 1)": (50, 1.0)}
+
+
+AROUND = (0.5, 1.0, 2.0)  # the grid at a further selection width: the first width's best rate times these
+
+
+def run_key(method, lr, width, steps, seed, dense_lr):
+    """A finished run's identity; only Adafactor's run depends on the dense parameters' rate."""
+    return (method, lr, width, steps, seed, dense_lr if method == "Adafactor" else None)
 
 
 def galore_available():
@@ -382,7 +391,7 @@ def main(argv=None):
         return res["rows"]
     if args.quick:
         plan, args.select_steps, args.timing_rounds, args.timing_steps = [(32, 8, [0, 1]), (48, 8, [0])], 8, 2, 1
-        args.select_widths = "32"
+        args.select_widths = "32,48"  # the second one exercises the grid around the first one's best
     widths = sorted({w for w, _, _ in plan})
     step_counts = sorted({s for _, s, _ in plan})
     seeds = sorted({x for _, _, sd in plan for x in sd})
@@ -400,12 +409,13 @@ def main(argv=None):
         with open(args.cache) as fh:
             for line in fh:
                 res = json.loads(line)
-                cache[(res["method"], res["lr"], res["width"], res["steps"], res["seed"])] = res
+                res.setdefault("dense_lr", ADAM_GRID[1])  # records older than the field: the default then
+                cache[run_key(res["method"], res["lr"], res["width"], res["steps"], res["seed"], res["dense_lr"])] = res
 
     def train(m, lr, ex, dense_lr):  # a finished run is read back from --cache
-        key = (m, lr, ex.width, ex.steps, ex.seed)
+        key = run_key(m, lr, ex.width, ex.steps, ex.seed, dense_lr)
         if key not in cache:
-            cache[key] = train_run(m, lr, ex, dense_lr)
+            cache[key] = dict(train_run(m, lr, ex, dense_lr), dense_lr=dense_lr)
             if args.cache:
                 with open(args.cache, "a") as fh:
                     fh.write(json.dumps(cache[key]) + "\n")
@@ -416,12 +426,14 @@ def main(argv=None):
         print(json.dumps({k: v for k, v in res.items() if k != "curve"}), f"t={time.time() - t_start:.0f}s",
               flush=True)
 
-    for w in select_widths:
+    for i, w in enumerate(select_widths):
         ex = setup(w, args.select_steps, 0, args.quick)
         best[w] = {}
         for m in methods:  # Adam first: Adafactor's dense parameters use Adam's best rate
             dense_lr = best[w].get("Adam", ADAM_GRID[1])
-            grid = [train(m, lr, ex, dense_lr) for lr in grids[m]]
+            first = best[select_widths[0]].get(m) if i else None
+            lrs = grids[m] if first is None else [float(f"{first * f:.4g}") for f in AROUND]
+            grid = [train(m, lr, ex, dense_lr) for lr in lrs]
             for _ in range(args.max_extend):  # best at an edge: one more point beyond it, again
                 lrs = sorted(r["lr"] for r in grid)
                 pick = min(grid, key=lambda r: r["val"] if math.isfinite(r["val"]) else math.inf)["lr"]
@@ -452,7 +464,7 @@ def main(argv=None):
         del shown[i:i + 2]
     config = dict(argv=" ".join(shown), layers=ex.layers, batch=ex.batch,
                   context=ex.context, warmup=ex.warmup, select_steps=args.select_steps, seeds=seeds,
-                  plan=args.plan if not args.quick else "quick", select_widths=select_widths, grids={m: list(grids[m]) for m in methods},
+                  plan=args.plan if not args.quick else "quick", select_widths=select_widths, grids={m: list(grids[m]) for m in methods}, around=list(AROUND),
                   ranks={w: dict(zip(("lorapre", "galore"), ranks(setup(w, 1, 0, args.quick)))) for w in widths},
                   machine=dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
                                threads=torch.get_num_threads()),
