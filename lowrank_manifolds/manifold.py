@@ -181,7 +181,8 @@ class FixedRankManifold(Manifold):
         if self.adaptive:
             t = self.truncation
             out += f", max_rank={self.capacity}, tol={t.tol}, relative={t.relative}, min_rank={t.min_rank}"
-        return out + f", retraction={self.retraction!r}"
+        out += f", retraction={self.retraction!r}"
+        return out + (f", second_moment={self.second_moment!r}" if self.second_moment != "scalar" else "")
 
     def active_rank(self, x: Tensor) -> Tensor:
         """The active rank of each point (number of non-zero columns of ``U``), as an
