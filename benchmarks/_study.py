@@ -8,6 +8,8 @@ import os
 import statistics
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 
 class RunCache:
     """Finished runs keyed by a tuple; with a ``path`` they are read back from and appended to
@@ -54,6 +56,19 @@ def select_lr(train: Callable[[float], dict], grid: Sequence[float], loss: Calla
         runs[beyond] = train(beyond)
     lrs = sorted(runs)
     return min(lrs, key=lambda lr: loss(runs[lr])), [runs[lr] for lr in lrs]
+
+
+def stepped(opt, loss) -> bool:
+    """Backward and one step; False (a diverged run) if the loss is not finite or the step
+    fails (a failing SVD or retraction, a refused non-finite gradient)."""
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    try:
+        opt.step()
+    except (RuntimeError, ValueError, torch.linalg.LinAlgError):
+        return False
+    return True
 
 
 def spread(xs: Sequence[float]) -> Tuple[float, float, float]:

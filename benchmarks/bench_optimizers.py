@@ -61,7 +61,7 @@ import geoopt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _study import RunCache, fmt_spread, loss_of, select_lr, spread, write_results  # noqa: E402
+from _study import RunCache, fmt_spread, loss_of, select_lr, spread, stepped, write_results  # noqa: E402
 from lowrank_manifolds import FixedRankManifold  # noqa: E402
 from lowrank_manifolds.optim import DLRT, GeometricAdam  # noqa: E402
 
@@ -113,18 +113,6 @@ def optimizer(method, low, other, lr, dense_lr, model=None, betas=(0.9, 0.999)):
     raise ValueError(method)
 
 
-def diverged(opt, loss) -> bool:
-    """Backward and one step; True if the loss is not finite or the step fails."""
-    if not math.isfinite(float(loss)):
-        return True
-    loss.backward()
-    try:
-        opt.step()
-    except (RuntimeError, ValueError, torch.linalg.LinAlgError):
-        return True
-    return False
-
-
 # ---------------------------------------------------------------------------
 # the problems: each run returns {"score": lower is better, ...}
 # ---------------------------------------------------------------------------
@@ -146,7 +134,7 @@ def run_matrix(method, lr, seed, cfg):
     norm_a, errs = float(a.norm()), []
     for _ in range(cfg.matrix_iters):
         opt.zero_grad()
-        if diverged(opt, 0.5 * ((mask * (dense() - a)) ** 2).sum()):
+        if not stepped(opt, 0.5 * ((mask * (dense() - a)) ** 2).sum()):
             errs.append(math.inf)
             break
         with torch.no_grad():
@@ -182,7 +170,7 @@ def run_digits(method, lr, seed, cfg):
         for i in range(0, len(xtr), 64):
             idx = perm[i: i + 64]
             opt.zero_grad()
-            bad = diverged(opt, F.cross_entropy(model(xtr[idx]), ytr[idx]))
+            bad = not stepped(opt, F.cross_entropy(model(xtr[idx]), ytr[idx]))
             if bad:
                 break
         if bad:
@@ -226,7 +214,7 @@ def run_char(method, lr, seed, cfg):
         x, y = ct.batch(data, ex.context, ex.batch, gen)
         t0 = time.perf_counter()
         opt.zero_grad()
-        bad = diverged(opt, F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+        bad = not stepped(opt, F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
         sched.step()
         spent += time.perf_counter() - t0
         if bad:

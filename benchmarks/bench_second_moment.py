@@ -43,6 +43,9 @@ import torch
 
 from lowrank_manifolds import FixedRankManifold
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _study import stepped  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0]
@@ -117,7 +120,7 @@ def run_matrix(spec, method, lr, seed):
             loss = 0.5 * (u @ s @ v.T - a).pow(2).sum()
         else:
             loss = 0.5 * (mask * (u @ s @ v.T - a)).pow(2).sum()
-        if not _stepped(opt, loss):
+        if not stepped(opt, loss):
             status = "diverged"
             break
         if small:
@@ -134,18 +137,6 @@ def run_matrix(spec, method, lr, seed):
     if not math.isfinite(err) or err > DIVERGED:
         status, err = "diverged", math.inf
     return dict(error=err, steps_to_1e6=to_1e6, status=status, steps=step)
-
-
-def _stepped(opt, loss) -> bool:
-    """Backward and one step; False if the loss is not finite or the step fails (diverged)."""
-    if not torch.isfinite(loss):
-        return False
-    loss.backward()
-    try:
-        opt.step()
-    except (RuntimeError, ValueError, torch.linalg.LinAlgError):
-        return False
-    return True
 
 
 def run_digits(method, lr, seed, epochs, quick):
@@ -171,7 +162,7 @@ def run_digits(method, lr, seed, epochs, quick):
             idx = perm[i : i + 64]
             opt.zero_grad()
             loss = loss_fn(model(xtr[idx]), ytr[idx])
-            if not _stepped(opt, loss):
+            if not stepped(opt, loss):
                 status = "diverged"
                 break
         if status == "diverged":
