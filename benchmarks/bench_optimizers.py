@@ -37,9 +37,10 @@ the example's 2e-3 for ``digits``; ``dense Adam`` runs the grid's rate on everyt
   (abc-PSI takes no Adam core: its V^ does not contain V). In ``matrix`` the field is
   ``-P_X G`` (no layer records it), where abc-PSI is the retraction step.
 
-Protocol: for each problem and method the rate is chosen on seed 0 from its grid (``GRIDS``,
-factor 3 between points), extended beyond an edge while the best rate is there (at most
-``--max-extend`` points, every method alike); seeds 1 and 2 then run at that rate. Results:
+Protocol: for each problem and method the rate is chosen from its grid (``GRIDS``, factor 3
+between points), extended beyond an edge while the best rate is there (at most
+``--max-extend`` points, every method alike), on seed 0 (``matrix``: on the mean score of seeds
+0-2, ``SELECT_SEEDS``); seeds 1 and 2 then run at that rate. Results:
 ``benchmarks/results/optimizers.{json,md}``, plots ``docs/figures/optimizers_*.png``.
 """
 from __future__ import annotations
@@ -81,7 +82,10 @@ GRIDS = {
 }
 DENSE_LR = {"char": 9e-3, "digits": 2e-3}
 TARGET = 1e-6  # matrix: iterations to this relative error
-HIGHER_IS_BETTER = {"digits"}
+#: The seeds whose mean score chooses the rate: all three where runs are cheap. The matrix
+#: problem's seed draws the matrix too, and seed 0's is harder than the others (most methods
+#: miss 1e-6 there at rates that reach it on seeds 1 and 2).
+SELECT_SEEDS = {"matrix": (0, 1, 2)}
 
 
 def grid(problem, method):
@@ -274,7 +278,8 @@ def table(headers, rows):
 def markdown(all_results, cfg, argv):
     lines = ["# Low-rank optimizers side by side", "",
              f"`python benchmarks/bench_optimizers.py {argv}`".replace(" `", "`"), "",
-             f"Seeds {cfg.seeds}; the rate of each method chosen on seed 0 (grid factor 3, extended past an "
+             f"Seeds {cfg.seeds}; the rate of each method chosen on seed 0 (matrix: the mean of seeds 0-2; grid "
+             "factor 3, extended past an "
              f"edge up to {cfg.max_extend} points); torch {torch.__version__}, geoopt {geoopt.__version__}, one "
              "thread. Mean [min, max] over the seeds.", ""]
     for problem, results in all_results.items():
@@ -282,11 +287,11 @@ def markdown(all_results, cfg, argv):
                  "digits": f"Digits MLP, capacity 32, tol 0.2 ({cfg.digits_epochs} epochs)",
                  "char": f"Character transformer, MLP capacity 32, tol 0.05 ({cfg.char_steps} steps)"}[problem]
         lines += [f"## {title}", ""] + table(HEADERS[problem], summary_rows(problem, results)) + [""]
-        lines += ["Rates tried (seed 0; score: " + {"matrix": "iterations to 1e-6, or budget + final error",
+        lines += [f"Rates tried ({'mean of seeds 0-2' if problem in SELECT_SEEDS else 'seed 0'}; score: " + {"matrix": "iterations to 1e-6, or budget + final error",
                                                      "digits": "minus validation accuracy %",
                                                      "char": "validation loss"}[problem] + "):", ""]
         for method, res in results.items():
-            cells = ", ".join(f"{r['lr']:g}: {r['score']:.4g}" for r in res["grid"])
+            cells = ", ".join(f"{r['lr']:g}: {r['score']:.6g}" for r in res["grid"])
             lines.append(f"- {method}: {cells}")
         lines.append("")
     return "\n".join(lines)
@@ -366,12 +371,14 @@ def main(argv=None):
                       flush=True)
                 return res
 
+            def selection(lr, method=method):  # the mean score over the selection seeds
+                scores = [loss_of(train(lr, s, method), "score") for s in SELECT_SEEDS.get(problem, (0,))]
+                return dict(lr=lr, score=sum(scores) / len(scores))
+
             lrs = grid(problem, method)
             lrs = lrs[1:2] if cfg.quick else lrs
-            lr, tried = select_lr(train, lrs, lambda r: loss_of(r, "score"), cfg.max_extend)
-            seeds = [train(lr, s) if s else min(tried, key=lambda r: loss_of(r, "score")) for s in cfg.seeds]
-            results[method] = dict(lr=lr, grid=[dict(lr=r["key"][3], score=r["score"]) for r in tried],
-                                   seeds=seeds)
+            lr, tried = select_lr(selection, lrs, lambda r: r["score"], cfg.max_extend)
+            results[method] = dict(lr=lr, grid=tried, seeds=[train(lr, s) for s in cfg.seeds])
         all_results[problem] = results
     shown = " ".join(a for i, a in enumerate(sys.argv[1:] if argv is None else argv)
                      if a != "--cache" and (i == 0 or (sys.argv[1:] if argv is None else argv)[i - 1] != "--cache"))
