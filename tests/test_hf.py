@@ -190,7 +190,13 @@ def test_adapters_alone_save_and_load_bit_identically(build, targets, tmp_path):
     assert torch.equal(logits(fresh, x), out)
     assert [n for n, p in fresh.named_parameters() if p.requires_grad] == \
         [n for n, p in model.named_parameters() if p.requires_grad]
-    other = load_lowrank(build(seed=1), tmp_path)  # another base: not the same function
+    other = build(seed=1)  # another base: refused before anything changes, by its fingerprint
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="base weight is not the one"):
+        load_lowrank(other, tmp_path)
+    assert other.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    other = load_lowrank(other, tmp_path, check_base=False)  # on request: not the same function
     assert not torch.equal(logits(other, x), out)
 
 
@@ -218,6 +224,9 @@ def test_adapters_without_a_recorded_initial_correction_load_bit_identically(how
     else:
         assert all(k.endswith(".delta") for k in keys) and len(keys) == 2
     assert torch.equal(logits(load_lowrank(llama(), tmp_path), x), out)
+    if how != "direct":  # the untouched base is fingerprinted too
+        with pytest.raises(ValueError, match="base weight is not the one"):
+            load_lowrank(llama(seed=1), tmp_path)
 
 
 def test_lowrank_state_save_and_load_bit_identically(tmp_path):

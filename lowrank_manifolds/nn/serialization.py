@@ -77,6 +77,45 @@ def fold_initial_correction(adapter: LowRankAdapterLinear) -> None:
         adapter.base.weight.sub_(adapter.manifold.to_dense(init))
 
 
+# ------------------------------------------------------------------ the base's fingerprint
+_PROBES = 4
+
+
+def _base_probes(weight: Tensor, correction=None) -> Tuple[list, float]:
+    r"""``([a_k^T W_0 b_k], scale)`` in float64 for ``_PROBES`` fixed random unit vectors ``a_k``,
+    ``b_k`` (seeded by the shape: the same at saving and loading), where :math:`W_0` is
+    ``weight`` plus the folded correction ``(U, S, V)`` if given (applied in factored form), and
+    ``scale`` bounds :math:`\|W_0\|_F`. Two bases that differ by ``E`` differ in a probe by about
+    :math:`\|E\|_F / \sqrt{mn}`; rounding moves one by a few ``eps * scale``. One pass over the
+    weight, at saving and loading only."""
+    m, n = weight.shape
+    g = torch.Generator().manual_seed(m * 1_000_003 + n)
+    a = torch.randn(m, _PROBES, generator=g, dtype=torch.float64)
+    b = torch.randn(n, _PROBES, generator=g, dtype=torch.float64)
+    a, b = ((t / t.norm(dim=0)).to(weight.device) for t in (a, b))
+    w = weight.detach().to(torch.float64)
+    probes, scale = (a * (w @ b)).sum(0), w.norm()
+    if correction is not None:
+        u, s, v = (t.detach().to(torch.float64) for t in correction)
+        probes = probes + ((a.T @ u) @ s * (b.T @ v)).sum(-1)
+        scale = scale + s.norm()
+    return probes.tolist(), float(scale)
+
+
+def _check_base(name: str, spec: Dict[str, Any], weight: Tensor) -> None:
+    """Raise if the base weight of an adapter's layer is not the one it was saved with (to
+    ``32 eps`` of its dtype, relative to its norm: bit-identical bases pass on any device)."""
+    if "base_probes" not in spec:  # a file written before the fingerprint
+        return
+    got, scale = _base_probes(weight)
+    tol = 32 * torch.finfo(weight.dtype).eps * max(scale, spec["base_scale"])
+    if any(abs(x - y) > tol for x, y in zip(got, spec["base_probes"])):
+        raise ValueError(
+            f"{name}: the model's base weight is not the one these adapters were trained on (its "
+            "fingerprint differs): load them into the same pretrained base model, or pass "
+            "check_base=False to load them anyway")
+
+
 # ------------------------------------------------------------------ saving
 def _plain(t: Tensor) -> Tensor:
     return t.detach().as_subclass(Tensor).clone().contiguous()
@@ -142,6 +181,9 @@ def lowrank_state_dict(model: nn.Module, extra: str = "trainable") -> Tuple[Dict
             spec["init"] = "delta_init" if init is not None else ("none" if untouched else "base")
             spec["bias"] = layer.base.bias is not None
             spec["init_scale"] = layer.init_scale
+            if init is not None or untouched:  # the base is not saved: its fingerprint is
+                spec["base_probes"], spec["base_scale"] = _base_probes(
+                    layer.base.weight, None if untouched else layer.manifold.unpack(init))
             if init is not None:
                 tensors[pre + _INIT] = _plain(init)
             elif not untouched:
@@ -270,16 +312,27 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def load_lowrank_state_dict(model: nn.Module, tensors: Dict[str, Tensor], metadata: Dict[str, Any],
-                            freeze: Optional[bool] = None) -> nn.Module:
+                            freeze: Optional[bool] = None, check_base: bool = True) -> nn.Module:
     """Rebuild the saved layers in the fresh ``model`` (in place) and copy the saved tensors.
 
     ``freeze``: with adapters in the file, freeze every other parameter (as
     :func:`~lowrank_manifolds.nn.add_adapters` does); default: when the file holds adapters and no
-    other trainable entries. Returns ``model``."""
+    other trainable entries. ``check_base``: for adapters whose base weights are not in the file,
+    compare the fresh model's base with the fingerprint saved with them (a few fixed random
+    projections and the norm, after the initial correction is folded in as at wrapping time) and
+    raise ``ValueError`` before the model is changed if it differs; exact for float32/float64
+    bases, to their precision for half-precision ones. Returns ``model``."""
     if metadata.get("format") != FORMAT:
         raise ValueError(f"not a low-rank state of this library (format {metadata.get('format')!r})")
     tensors = dict(tensors)
     has_adapters = False
+    if check_base:  # all of them before anything is changed
+        for name, spec in metadata["layers"].items():
+            if spec["class"] == "LowRankAdapterLinear" and name:
+                dense = model.get_submodule(name)
+                kind = linear_kind(dense)
+                if kind is not None:
+                    _check_base(name, spec, kind.to_linear(dense).weight)
     for name, spec in metadata["layers"].items():
         if not name:
             raise ValueError("the saved model was itself one layer: load it with load_state_dict")
@@ -328,11 +381,13 @@ def load_lowrank_state_dict(model: nn.Module, tensors: Dict[str, Tensor], metada
 
 
 def load_lowrank(model: nn.Module, path: Union[str, os.PathLike], freeze: Optional[bool] = None,
-                 device: Union[str, torch.device, None] = None) -> nn.Module:
+                 device: Union[str, torch.device, None] = None, check_base: bool = True) -> nn.Module:
     """Load a file written by :func:`save_lowrank` into the fresh ``model`` (in place; returned).
 
     ``device``: where the tensors are read to (default: the CPU; they are copied into the
-    model's layers, which keep the device and dtype of the model's dense layers)."""
+    model's layers, which keep the device and dtype of the model's dense layers). ``freeze``,
+    ``check_base``: as :func:`load_lowrank_state_dict` (by default a model whose base weights are
+    not those the adapters were saved with is refused, unchanged)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -342,4 +397,5 @@ def load_lowrank(model: nn.Module, path: Union[str, os.PathLike], freeze: Option
     if _META_KEY not in header:
         raise ValueError(f"{path} holds no low-rank state of this library")
     tensors = load_file(path, device=str(device) if device is not None else "cpu")
-    return load_lowrank_state_dict(model, tensors, json.loads(header[_META_KEY]), freeze=freeze)
+    return load_lowrank_state_dict(model, tensors, json.loads(header[_META_KEY]), freeze=freeze,
+                                   check_base=check_base)
