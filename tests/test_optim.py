@@ -321,7 +321,7 @@ def test_dlrt_without_model_warns_and_uses_projected_gradient():
     h = 0.1
     layer = make_layer()
     ref = copy.deepcopy(layer)
-    opt = DLRT(layer.parameters(), lr=h, integrator="parallel-bug")
+    opt = DLRT(layer.parameters(), lr=h, integrator="abc-psi")  # parallel BUG needs no recording: no warning
     opt.zero_grad()
     (layer(x) * c).sum().backward()
     with pytest.warns(RuntimeWarning, match="no recorded"):
@@ -888,7 +888,7 @@ def test_dlrt_momentum_and_adam_cores_train_and_checkpoint():
     """The heavy-ball core grows the rank from 1 to the planted 3 and converges; the Adam core
     (whose steps are ~lr in every coefficient, so the tolerance must sit above that floor)
     trains from rank 3 as GeometricAdam does; both resume bit-identically from a checkpoint.
-    abc-PSI and parallel BUG are refused."""
+    abc-PSI is refused."""
     w, x, y = planted_problem()
     for core, lr, start, tol, bound in (("momentum", 0.1, 1, 0.01, 1e-6), ("adam", 1e-2, 3, 0.05, 0.05)):
         torch.manual_seed(1)
@@ -906,6 +906,5 @@ def test_dlrt_momentum_and_adam_cores_train_and_checkpoint():
         assert torch.equal(layer.weight, twin.weight)
         err = (torch.linalg.matrix_norm(layer.dense_weight() - w) / torch.linalg.matrix_norm(w)).item()
         assert err < bound and layer.active_rank == R_TRUE, (core, err, layer.active_rank)
-    for name in ("abc-psi", "parallel-bug"):
-        with pytest.raises(ValueError, match="augmented-bug"):
-            DLRT(layer.parameters(), lr=0.1, integrator=name, core="adam")
+    with pytest.raises(ValueError, match="augmented-bug"):  # parallel BUG's tangent bases are allowed now
+        DLRT(layer.parameters(), lr=0.1, integrator="abc-psi", core="adam")

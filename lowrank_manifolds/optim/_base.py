@@ -31,7 +31,6 @@ autograd's gradient on the packed factors is :math:`dU = G V S^\top`,
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Tuple
 
 import geoopt
@@ -116,57 +115,6 @@ def capacity_policy(manifold: FixedRankManifold) -> Truncation:
     the manifold's own at fixed rank."""
     t = manifold.truncation
     return _tolerance_policy(0.0, t.relative, t.min_rank, manifold.capacity) if manifold.adaptive else t
-
-
-def cycle_phase(group: dict, state: dict) -> int:
-    """This step's place in its augmentation cycle (the group's ``augment_every = k``): 0
-    augments, ``1 .. k-1`` train the core in fixed bases; advances the weight's counter."""
-    k = group.get("augment_every", 1)
-    phase = state.get("phase", 0)
-    if k > 1:
-        state["phase"] = (phase + 1) % k
-    return phase
-
-
-def core_adam_step(p: Tensor, grad: Tensor, group: dict, state: dict, last: bool) -> None:
-    """A step inside an augmentation cycle: the bases stay, Adam runs on the core with
-    autograd's ``dS = U^T G V`` (every block of the active core) and the moments of these
-    bases (no transport); on the cycle's ``last`` step the core is truncated by the weight's
-    policy and the moments follow the kept singular vectors."""
-    manifold = p.manifold
-    lr, wd = group["lr"], group["weight_decay"]
-    b1, b2 = group["betas"]
-    u, s, v = manifold.unpack(p, check=False)
-    mask = manifold.active_mask(u)
-    block = (mask.unsqueeze(-1) * mask.unsqueeze(-2)) > 0
-    if wd and group.get("decoupled_weight_decay", False):
-        s.mul_(1 - lr * wd)
-        wd = 0.0
-    g = manifold.unpack(grad, check=False)[1]
-    g = torch.where(block, g + wd * s if wd else g, 0.0)
-    state["step"] += 1
-    step = state["step"]
-    m1 = state["exp_avg"].lerp_(g, 1 - b1)
-    m2 = state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-    direction = torch.where(block, m1 / (m2.sqrt() / math.sqrt(1 - b2**step) + group["eps"]), 0.0)
-    s_new = s - (lr / (1 - b1**step)) * direction
-    if not last:
-        s.copy_(s_new)
-        return
-    u1, s1, v1, p_r, q_r = truncate(u, s_new, v, *rank_policy(group, block.any(-1), manifold))
-    transport_moments(state, m1, m2, p_r, q_r, group.get("m2_transport", "squared") == "squared")
-    p.copy_(manifold.pad(u1, s1, v1))
-
-
-def transport_moments(state: dict, m1: Tensor, m2: Tensor, p_r: Tensor, q_r: Tensor, squared: bool) -> None:
-    r"""Adam's moments through a truncation's kept singular vectors ``P_r``, ``Q_r``:
-    :math:`P_r^\top m_1 Q_r`, and the second moment squared,
-    :math:`(P_r^{\circ 2})^\top m_2 Q_r^{\circ 2}` (a convex combination: cannot cancel), or
-    (``squared=False``) the square-root transport :math:`(P_r^\top \sqrt{m_2} Q_r)^{\circ 2}`
-    floored by the squared one."""
-    state["exp_avg"] = mT(p_r) @ m1 @ q_r
-    m2_t = mT(p_r * p_r) @ m2 @ (q_r * q_r)
-    state["exp_avg_sq"] = m2_t if squared else torch.maximum(m2_t, (mT(p_r) @ m2.sqrt() @ q_r).square())
 
 
 #: The truncation options of a param group; ``rank_tol`` and ``rank_relative`` are their
@@ -286,6 +234,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(_rename_group_options(param_group, type(self).__name__))
         group = self.param_groups[-1]
+        self._configure(group)
         self._check_group(group)
         for p in group["params"]:
             manifold = getattr(p, "manifold", None)
@@ -309,6 +258,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     "put it in a group with tol=None"
                 )
 
+    def _configure(self, group: dict) -> None:
+        """Set the options a subclass fixes (a configuration of a family, e.g. GeometricAdam's
+        basis update and core) in a param group, given or loaded; the base class fixes none."""
+
     def _check_group(self, group: dict) -> None:
         nonneg(group["lr"], "lr")
         nonneg(group["weight_decay"], "weight_decay")
@@ -321,12 +274,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
-        tensor is finite (a ``ValueError`` names the parameter and the state key)."""
+        tensor is finite (a ``ValueError`` names the parameter and the state key). A checkpoint
+        of an earlier version loads: deprecated option names are renamed, and options its
+        param groups lack (added since, e.g. the family's ``integrator``, ``core``,
+        ``euclidean`` in a GeometricAdam checkpoint) take this optimizer's defaults."""
         check_finite_state_dict(self, state_dict)
-        groups = [_rename_group_options(g, type(self).__name__) for g in state_dict["param_groups"]]
+        groups = [dict(_rename_group_options(g, type(self).__name__)) for g in state_dict["param_groups"]]
         for g in groups:
             if "fixed_rank" not in g:  # an older checkpoint: its rank_tol=None kept the active rank
                 g["fixed_rank"] = g.get("tol") is None
+            for key, value in self.defaults.items():
+                g.setdefault(key, value)
+            self._configure(g)
         super().load_state_dict({**state_dict, "param_groups": groups})
 
     @torch.compiler.disable

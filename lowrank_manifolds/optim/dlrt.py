@@ -1,12 +1,29 @@
-r"""Dynamical low-rank training (DLRT): one step of a rank-adaptive integrator per optimizer step.
+r"""The low-rank optimizer family :class:`DLRT`: a basis update, an optimizer on the core, truncation.
 
-:class:`DLRT` runs :class:`~lowrank_manifolds.integrators.ABCPSI`,
-:class:`~lowrank_manifolds.integrators.AugmentedBUG` or
-:class:`~lowrank_manifolds.integrators.ParallelBUG` for the gradient flow
-:math:`\dot W = -G` with step ``h = lr``, then truncates. Its field takes the tangent part of
-:math:`G` from ``p.grad`` and, with ``model=``, the rest from a
-:class:`~lowrank_manifolds.optim.GradientRecorder` (the class docstring: one gradient
-channel). The conventions are those of :mod:`lowrank_manifolds.optim._base`.
+One step for a low-rank weight :math:`X = U S V^\top` (capacity ``R``, gradient ``G``):
+
+* the *basis update* (``integrator=``) gives augmented orthonormal bases
+  :math:`\hat U \supseteq U`, :math:`\hat V \supseteq V` and the coefficients of the point
+  and of the gradient in them: the tangent augmentation
+  :math:`\hat U = \operatorname{orth}[U, GV]`, :math:`\hat V = \operatorname{orth}[V, G^\top U]`
+  with exact block zeros (``"parallel-bug"``; it uses only :math:`P_X G`, read from
+  ``p.grad``), or one step of :class:`~lowrank_manifolds.integrators.AugmentedBUG` /
+  :class:`~lowrank_manifolds.integrators.ABCPSI`, whose field takes the tangent part of
+  :math:`G` from ``p.grad`` and, with ``model=``, the rest from a
+  :class:`~lowrank_manifolds.optim.GradientRecorder` (the class docstring: one gradient
+  channel);
+* the *core optimizer* (``core=``): the integrator's own S-step (gradient flow, ``h = lr``),
+  heavy ball or Adam(W) on the coefficients, with the states (``R x R``) carried into the
+  augmented coordinates;
+* the *truncation* by the weight's policy, the states following the kept singular vectors;
+* the *schedule* (``augment_every=``): every step, or the authors' cycle of one augmentation
+  and ``k - 1`` core-only steps in fixed bases.
+
+The parts shared by every basis are in :mod:`~lowrank_manifolds.optim._core`;
+:class:`~lowrank_manifolds.optim.GeometricSGD` and
+:class:`~lowrank_manifolds.optim.GeometricAdam` (:mod:`~lowrank_manifolds.optim.geometric`)
+are configurations of this class. The conventions are those of
+:mod:`lowrank_manifolds.optim._base`.
 """
 from __future__ import annotations
 
@@ -20,19 +37,26 @@ from torch import Tensor, nn
 from .._linalg import cat_last, mT, pinv_core
 from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
-    capacity_policy,
-    core_adam_step,
-    cycle_phase,
     LowRankOptimizer,
     adam_update,
+    capacity_policy,
     check_betas,
-
     is_lowrank_parameter,
     rank_policy,
     riemannian_parts,
     sgd_update,
-    truncate,
     truncation_options,
+)
+from ._core import (
+    carry,
+    core_cycle_step,
+    core_update,
+    cycle_phase,
+    embed,
+    gradient_decay,
+    init_state,
+    tangent_augment,
+    truncate_and_carry,
 )
 from .._args import nonneg, positive_int, unit_interval
 from .recorder import GradientRecorder
@@ -71,14 +95,63 @@ def _integrator_name(integrator) -> str:
 
 
 class DLRT(LowRankOptimizer):
-    r"""Dynamical low-rank training: one integrator step per optimizer step.
+    r"""The low-rank optimizer family: basis update, core optimizer, truncation, schedule.
 
-    For each low-rank weight, one step of size ``h = lr`` of a rank-adaptive DLRA
-    integrator for the gradient flow :math:`\dot W = F(W) = -(G + \lambda W)`
-    (``G`` the minibatch gradient, :math:`\lambda` = ``weight_decay``), from the current
-    factors, followed by the truncation (the weight's policy, capacity ``R``, zero padded).
+    Configurations (configuration -> algorithm -> source)::
 
-    Integrators (``integrator=``; per group):
+        GeometricSGD                  tangent augmentation (parallel BUG's bases, exact zeros),
+          = DLRT("parallel-bug",      heavy ball on the coefficients, truncation, transport
+                 core="momentum")     -> Schotthöfer, Klein, Kusch, "A geometric framework for
+                                         momentum-based optimizers for low-rank training",
+                                         NeurIPS 2025 (geometric heavy ball)
+        GeometricAdam                 tangent augmentation, Adam(W) on the coefficients,
+          = DLRT("parallel-bug",      truncation, transport
+                 core="adam")         -> Schotthöfer, Klein, Kusch, NeurIPS 2025 (geometric Adam)
+        GeometricAdam(augment_every   augment every k steps, Adam(W) on the augmented core in
+                      =k)             fixed bases in between, truncate at the cycle's end
+                                      -> the authors' code: RobustDLRT, lr_layer_augBUG.py
+                                         (augment every num_local_iter batches)
+        DLRT("abc-psi")               abc-PSI step of the gradient flow, h = lr
+                                      -> Kusch, Schotthöfer, Walter, arXiv:2502.03006 (2025)
+        DLRT("augmented-bug")         rank-adaptive BUG step (Galerkin S-step), h = lr
+                                      -> Ceruti, Kusch, Lubich, BIT 62 (2022)
+        DLRT("parallel-bug")          parallel BUG = retraction of -h P_X G (GeoLoRA's step)
+                                      -> Ceruti, Kusch, Lubich, SISC 46 (2024); GeoLoRA
+        DLRT("augmented-bug",         augmented BUG's bases, heavy ball / Adam on the Galerkin
+             core="momentum"|"adam")  coefficients, states carried by M = U^^T U, N = V^T V^
+                                      -> the momentum flow of Schotthöfer et al. 2025 in BUG's
+                                         bases; RobustDLRT's augmented-BUG layers (AdamW)
+        ... augment_every=k           with the cycle (core-only steps in fixed bases)
+                                      -> RobustDLRT, lr_layer_augBUG.py
+
+    One step, for each low-rank weight (``U``, ``S``, ``V`` its active factors,
+    :math:`\lambda` = ``weight_decay``, ``G`` the minibatch gradient)::
+
+        basis update (integrator):
+          "parallel-bug":   U^ = orth[U, GV], V^ = orth[V, G^T U]  (exact block zeros, _core)
+                            S^_0 = diag(S, 0), G^ = U^^T P_X(G) V^, states embedded by zero padding
+          "augmented-bug":  U^ = orth[K_1, U], V^ = orth[L_1, V]  (K_1 = US - hGV, L_1 = VS^T - hG^T U)
+                            M = U^^T U, N = V^T V^, S^_0 = M S N, G^ = U^^T G V^ (all blocks)
+                            states m -> M m N  (second moment: (M*M) m (N*N), m2_transport)
+          "abc-psi":        abc-PSI's own step (flow only: its V^ does not contain V)
+        core (coefficients, _core.core_update):
+          "flow":           the integrator's own S-step, S^ = S^_0 - lr G^ (+ lambda S^_0)
+          "momentum":       b = momentum b + (1 - dampening) G^     (first step b = G^; torch.optim.SGD)
+                            S^ = S^_0 - lr (G^ + momentum b if nesterov else b)
+          "adam":           m1 = b1 m1 + (1-b1) G^, m2 = b2 m2 + (1-b2) G^*G^, t += 1
+                            S^ = S^_0 - lr/(1-b1^t) m1 / (sqrt(m2/(1-b2^t)) + eps)
+          weight decay:     L2 (lambda S^_0 added to G^), or with decoupled_weight_decay
+                            S^_0 <- (1 - lr lambda) S^_0 (AdamW; momentum and adam cores)
+        truncation:         S^ = P diag(s) Q^T, rank by the weight's policy;
+                            U1 = U^ P_r, S1 = diag(s_r), V1 = V^ Q_r
+                            states m -> P_r^T m Q_r (second moment: m2_transport)
+        schedule (augment_every = k > 1, momentum and adam cores):
+          step 0:           as above, truncated to the capacity only (the new directions survive)
+          steps 1 .. k-1:   bases fixed, the core optimizer on S with autograd's dS = U^T G V
+                            (every block of the active core) and the states of these bases;
+                            step k-1 truncates by the weight's policy, states transported
+
+    Basis updates (``integrator=``; per group):
 
     ``"abc-psi"`` (:class:`~lowrank_manifolds.integrators.ABCPSI`, default)
         :math:`K_1 = US + hFV`, :math:`\hat U = \operatorname{orth}[K_1, U]`,
@@ -99,19 +172,25 @@ class DLRT(LowRankOptimizer):
         QRs of ``m x 2R`` and ``n x 2R``, one ``2R x 2R`` SVD.
     ``"parallel-bug"`` (:class:`~lowrank_manifolds.integrators.ParallelBUG`, GeoLoRA)
         All substeps from :math:`Y_0`; only :math:`GV` and :math:`G^\top U` are used, so
-        the result equals the retraction of :math:`-h P_X(G)` with adaptive rank.
-        Cost: **1 forward + 1 backward**, QRs of ``m x 2R``, ``n x 2R``, one
-        ``2R x 2R`` SVD.
+        the result equals the retraction of :math:`-h P_X(G)` with adaptive rank. It is
+        computed by the tangent augmentation of :mod:`~lowrank_manifolds.optim._core` for
+        every core (the flow is its ``S^ = S^_0 - lr G^``): the same augmented matrix as the
+        integrator's, with the blocks that vanish in exact arithmetic exactly zero (Adam's
+        entrywise division would turn rounding-level ones into full steps), no recorded
+        field (nothing of :math:`G` beyond :math:`P_X G` is used, so no warning without
+        ``model=``) and no host synchronisation. Cost: **1 forward + 1 backward**, QRs of
+        ``m x 2R``, ``n x 2R``, one ``2R x 2R`` SVD.
 
     ``step(closure)`` calls the closure once (standard ``torch.optim`` semantics, to
     compute the loss and gradients); none of the three integrators needs another
     evaluation. A fixed-rank BUG or KSL *would* (their S-/L-steps are at weights
     different from :math:`Y_0`) and is therefore not offered here.
 
-    The field: one gradient channel. With ``model=`` given, a :class:`GradientRecorder`
-    is attached to it. Everything the integrators use comes from ``p.grad`` except the
-    one thing ``p.grad`` cannot give: :math:`G` applied to the *new* directions of the
-    augmented bases. Split :math:`G = P_X G + N`, :math:`N = (I - UU^\top) G (I - VV^\top)`:
+    The field (abc-PSI, augmented BUG): one gradient channel. With ``model=`` given, a
+    :class:`GradientRecorder` is attached to it. Everything the integrators use comes from
+    ``p.grad`` except the one thing ``p.grad`` cannot give: :math:`G` applied to the *new*
+    directions of the augmented bases. Split :math:`G = P_X G + N`,
+    :math:`N = (I - UU^\top) G (I - VV^\top)`:
 
     1. the tangent part :math:`P_X G` is read from ``p.grad``
        (:math:`GV = dU\,S^{-\top}`, :math:`G^\top U = dV\,S^{-1}`, :math:`U^\top G V = dS`),
@@ -133,69 +212,71 @@ class DLRT(LowRankOptimizer):
 
     The field is :math:`F = -(P_X G + c N') - \lambda W`, a factor pair of width ``2r``
     (that of the tangent field, since :math:`U_p = Q_u R_u`).
-    abc-PSI, augmented BUG and parallel BUG only apply :math:`F` to :math:`V`, to
+    abc-PSI and augmented BUG only apply :math:`F` to :math:`V`, to
     :math:`U` and to bases inside :math:`\operatorname{span}[U, Q_u]` (resp.
     :math:`[V, Q_v]`), on which :math:`N' = N`: the step equals the step with the exact
     field :math:`-G` (to rounding) and keeps abc-PSI's extra descent
     :math:`\hat U\hat U^\top G - P_X G`. Under DDP (pass the ``DistributedDataParallel``
     module as ``model=``) the ranks all-reduce the pair's products (``(m + 2n) r`` numbers
     per layer, with DDP's averaging) before the check, so every rank takes the same step.
-    Checking 3 is a decision: one host synchronisation per step (free on the CPU).
+    Checking 3 is a decision: one host synchronisation per step (free on the CPU). The
+    field is built at augmentation steps only (not for parallel BUG, not inside a cycle).
 
     Weights without a recording (no ``model``, or parameters outside the layers of
     :mod:`lowrank_manifolds.nn`) get the tangent field :math:`-P_X(G)` from ``p.grad``
-    (pseudo-inverse of ``S`` on the active block). Parallel BUG is unaffected by this
-    (it only uses :math:`P_X G`); for abc-PSI and augmented BUG the step then
-    coincides with the metric retraction of :math:`-hP_X G` (they lose their extra
+    (pseudo-inverse of ``S`` on the active block); abc-PSI and augmented BUG then
+    coincide with the metric retraction of :math:`-hP_X G` (they lose their extra
     descent). A warning says so once.
 
-    Padding. The integrators know nothing of capacities; the factors are sliced to the
-    largest active rank before the integrator is called (active columns are the leading
-    ones after every truncation here). Reading that rank is **one host
-    synchronisation per low-rank weight and step** (free on CPU).
+    Padding. The integrators know nothing of capacities; for abc-PSI and augmented BUG the
+    factors are sliced to the largest active rank before the integrator is called (active
+    columns are the leading ones after every truncation here). Reading that rank is **one
+    host synchronisation per low-rank weight and step** (free on CPU); the tangent
+    augmentation works on the padded factors and needs none.
 
     Parameters
     ----------
     params : iterable
     lr : float
-        Step size ``h`` of the integrator (and learning rate of ordinary parameters).
+        Step size ``h`` of the integrator / learning rate of the core (and of ordinary
+        parameters).
     integrator : {"abc-psi", "augmented-bug", "parallel-bug"} or an instance
-        A name of :data:`~lowrank_manifolds.integrators.INTEGRATORS` or an instance of its classes (``ABCPSI()``, ...,
-        without a truncation: DLRT applies the group's); stored in the group as the name.
+        The basis update: a name of :data:`~lowrank_manifolds.integrators.INTEGRATORS` or an
+        instance of its classes (``ABCPSI()``, ..., without a truncation: DLRT applies the
+        group's); stored in the group as the name.
     tol, relative, min_rank, fixed_rank
         Truncation, as :class:`GeometricSGD` (the weights' own by default).
     rank_tol, rank_relative
         Deprecated names of ``tol`` and ``relative``.
     weight_decay : float
-        Added to the field (low-rank) and as L2 / decoupled (ordinary parameters).
+        L2: added to the field / the gradient coefficients (low-rank) and to the gradient of
+        ordinary parameters (decoupled for ``euclidean="adamw"``).
+    decoupled_weight_decay : bool
+        With ``core="momentum"`` or ``"adam"``: the low-rank core is scaled by
+        ``1 - lr * weight_decay`` instead (AdamW). For the flow both are the same step.
     euclidean : {"sgd", "adam", "adamw"}
-        Update of ordinary parameters; ``momentum``, ``betas``, ``eps`` configure it.
+        Update of ordinary parameters (``torch.optim.SGD`` / ``Adam`` / ``AdamW``);
+        ``momentum``, ``dampening``, ``nesterov``, ``betas``, ``eps`` configure it.
     core : {"flow", "momentum", "adam"}
-        The update of the low-rank weights' coefficients. ``"flow"`` (default): the
-        integrator's own step, plain gradient flow with ``h = lr``. ``"momentum"`` and
-        ``"adam"``: the integrator gives the augmented bases :math:`\hat U, \hat V` only,
-        and the core is trained on the Galerkin coefficients of the field, as the authors'
-        code trains the augmented core (RobustDLRT, augmented-BUG layers with AdamW)::
-
-            M = U^^T U,  N = V^T V^,  S^_0 = M S N            (the point in the new bases)
-            G^ = -U^^T F V^                                  (all blocks: the new x new one
-                                                              grows the rank at first order)
-            momentum:  b <- momentum * (M b N) + G^,         S^ = S^_0 - lr b
-            adam:      m <- b1 (M m N) + (1 - b1) G^,
-                       v <- b2 (M*M) v (N*N) + (1 - b2) G^*G^  (squared transport, cannot cancel)
-                       S^ = S^_0 - lr m_hat / (sqrt(v_hat) + eps)
-            truncate S^ = P diag(s) Q^T; states -> P_r^T . Q_r (v with P_r*P_r, Q_r*Q_r)
-
-        with ``momentum``, ``betas``, ``eps`` as for ordinary parameters. States ``R x R``.
-        With ``augment_every = k > 1`` (``core="adam"``) the authors' cycle: this step keeps
-        every direction the capacity holds, the next ``k - 1`` steps run Adam on the core in
-        fixed bases (autograd's ``dS``), the last of them truncates by the weight's policy
-        (as :class:`GeometricAdam`'s ``augment_every``).
-        Needs ``integrator="augmented-bug"``: its bases contain ``U`` and ``V`` (so
-        :math:`\hat U \hat S_0 \hat V^\top` is the point) and leave no block of
-        :math:`\hat G` zero only to rounding (parallel BUG's QR of ``[U, K]`` does: Adam would
-        turn that rounding into full steps; :class:`GeometricAdam` is that method with exact
-        zeros). abc-PSI's ``V^`` does not contain ``V``.
+        The core optimizer (above), with ``momentum``, ``dampening``, ``nesterov`` (heavy
+        ball, ``torch.optim.SGD``'s convention) or ``betas``, ``eps`` (Adam). States
+        ``R x R``. ``"momentum"`` and ``"adam"`` need bases that contain ``U`` and ``V`` (so
+        that :math:`\hat U \hat S_0 \hat V^\top` is the point): ``"parallel-bug"`` or
+        ``"augmented-bug"``, not abc-PSI.
+    momentum, dampening : float
+        As ``torch.optim.SGD`` (``momentum`` in ``[0, 1)``).
+    nesterov : bool
+    betas, eps
+        As ``torch.optim.Adam``.
+    m2_transport : {"squared", "sqrt"}
+        The second moment through a change of coordinates (truncation; augmented BUG's
+        embedding): :func:`~lowrank_manifolds.optim._core.carry`
+        (see :class:`GeometricAdam`).
+    perp_second_moment : {"entrywise", "scalar"}
+        :class:`GeometricAdam`'s option, for ``integrator="parallel-bug"``, ``core="adam"``
+        only (its blocks are those of the tangent augmentation).
+    augment_every : int
+        The schedule (above); ``k > 1`` needs a momentum or Adam core and ``fixed_rank=False``.
     model : nn.Module, optional
         Attach a :class:`GradientRecorder` to this model. A
         ``torch.nn.parallel.DistributedDataParallel`` module is recorded through its
@@ -222,13 +303,20 @@ class DLRT(LowRankOptimizer):
         grad_rtol: Optional[float] = None,
         core: str = "flow",
         augment_every: int = 1,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        decoupled_weight_decay: bool = False,
+        m2_transport: str = "squared",
+        perp_second_moment: str = "entrywise",
         **deprecated: Any,
     ):
         defaults = dict(
             truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
             lr=lr, integrator=integrator, weight_decay=weight_decay, euclidean=euclidean, momentum=momentum,
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps, core=core,
-            augment_every=augment_every,
+            augment_every=augment_every, dampening=dampening, nesterov=nesterov,
+            decoupled_weight_decay=decoupled_weight_decay, m2_transport=m2_transport,
+            perp_second_moment=perp_second_moment,
         )
         super().__init__(params, defaults)
         self._process_group = None
@@ -266,26 +354,42 @@ class DLRT(LowRankOptimizer):
         if group["euclidean"] not in ("sgd", "adam", "adamw"):
             raise ValueError(f"euclidean must be 'sgd', 'adam' or 'adamw', got {group['euclidean']!r}")
         unit_interval(group["momentum"], "momentum")
-        group.setdefault("core", "flow")
-        if group["core"] not in ("flow", "momentum", "adam"):
-            raise ValueError(f"core must be 'flow', 'momentum' or 'adam', got {group['core']!r}")
-        group.setdefault("augment_every", 1)
-        positive_int(group["augment_every"], "augment_every")
-        if group["augment_every"] > 1 and (group["core"] != "adam" or group["fixed_rank"]):
-            raise ValueError("augment_every > 1 is the cycle of core='adam' (and grows the rank: not with fixed_rank)")
-        if group["core"] != "flow" and group["integrator"] != "augmented-bug":
-            raise ValueError(
-                f"core={group['core']!r} trains the core in augmented BUG's bases: use "
-                "integrator='augmented-bug' (abc-PSI's V^ does not contain V; parallel BUG's bases make "
-                "blocks of G^ zero only to rounding, which Adam would turn into full steps: "
-                "GeometricAdam is that method with the zeros exact)"
-            )
+        nonneg(group["dampening"], "dampening")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires momentum > 0 and dampening = 0")
         check_betas(group["betas"])
         nonneg(group["eps"], "eps")
+        if group["core"] not in ("flow", "momentum", "adam"):
+            raise ValueError(f"core must be 'flow', 'momentum' or 'adam', got {group['core']!r}")
+        if group["core"] != "flow" and group["integrator"] == "abc-psi":
+            raise ValueError(
+                f"core={group['core']!r} trains the core in augmented bases that contain U and V: use "
+                "integrator='augmented-bug' or 'parallel-bug' (abc-PSI's V^ does not contain V, so "
+                "U^ S^_0 V^^T would not be the point)"
+            )
+        positive_int(group["augment_every"], "augment_every")
+        if group["augment_every"] > 1 and group["core"] == "flow":
+            raise ValueError("augment_every > 1 is the cycle of core='momentum' or core='adam', not of the flow")
+        if group["augment_every"] > 1 and group["fixed_rank"]:
+            raise ValueError("augment_every > 1 grows the rank inside a cycle: it needs fixed_rank=False")
+        if group["m2_transport"] not in ("sqrt", "squared"):
+            raise ValueError(f"m2_transport must be 'sqrt' or 'squared', got {group['m2_transport']!r}")
+        if group["perp_second_moment"] not in ("entrywise", "scalar"):
+            raise ValueError(
+                f"perp_second_moment must be 'entrywise' or 'scalar', got {group['perp_second_moment']!r}"
+            )
+        if group["perp_second_moment"] == "scalar" and (group["integrator"], group["core"]) != ("parallel-bug", "adam"):
+            raise ValueError(
+                "perp_second_moment='scalar' is a second moment of the blocks of the tangent augmentation: "
+                "it needs integrator='parallel-bug' and core='adam' (GeometricAdam)"
+            )
 
     def _euclidean_step(self, p, grad, group, state):
         if group["euclidean"] == "sgd":
-            sgd_update(p, grad, state, group["lr"], group["momentum"], 0.0, False, group["weight_decay"])
+            sgd_update(
+                p, grad, state, group["lr"], group["momentum"], group["dampening"], group["nesterov"],
+                group["weight_decay"],
+            )
         else:
             adam_update(
                 p, grad, state, group["lr"], group["betas"], group["eps"], group["weight_decay"],
@@ -318,12 +422,12 @@ class DLRT(LowRankOptimizer):
         fields, checks = {}, []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or not is_lowrank_parameter(p):
+                if p.grad is None or not is_lowrank_parameter(p) or not self._needs_field(group, p):
                     continue
                 pair = self._recorder.pair(p)
                 if pair is None:
                     continue
-                field, residual = self._reconciled_field(p, p.grad, pair, group["weight_decay"])
+                field, residual = self._reconciled_field(p, p.grad, pair, gradient_decay(group))
                 fields[id(p)] = field
                 checks.append((p, residual))
         if checks:
@@ -341,6 +445,13 @@ class DLRT(LowRankOptimizer):
                     "to take the step from p.grad alone (field -P_X G)."
                 )
         return fields
+
+    def _needs_field(self, group: dict, p: Tensor) -> bool:
+        """Whether this step of ``p`` evaluates the integrator's field: an augmentation step of
+        abc-PSI or augmented BUG (parallel BUG's tangent augmentation uses ``p.grad`` alone, a
+        core-only step of a cycle ``dS`` alone)."""
+        k = group["augment_every"]
+        return group["integrator"] != "parallel-bug" and self.state.get(p, {}).get("phase", 0) % k == 0
 
     def _reconciled_field(self, p: Tensor, grad: Tensor, pair, weight_decay: float):
         r"""The field :math:`-(P_X G + c N') - \lambda W` of a recorded weight and the
@@ -442,60 +553,62 @@ class DLRT(LowRankOptimizer):
         mm = ds + weight_decay * s if weight_decay else ds  # P_X(W) = U S V^T: only M
         return TangentField(u[..., :r], v[..., :r], -up[..., :r], -mm[..., :r, :r], -vp[..., :r])
 
+
     def _lowrank_step(self, p, grad, group, state):
         k = group["augment_every"]
         phase = cycle_phase(group, state)
-        if phase > 0:  # inside a cycle of core="adam": Adam on the core, bases fixed
-            return core_adam_step(p, grad, group, state, phase == k - 1)
+        if phase > 0:  # inside a cycle: the core optimizer on S, bases fixed
+            return core_cycle_step(p, grad, group, state, phase == k - 1)
+        init_state(state, group, p)
+        if group["integrator"] == "parallel-bug":
+            uh, sh, vh, states, mask = self._tangent_update(p, grad, group, state)
+        else:
+            uh, sh, vh, states, mask = self._integrator_update(p, grad, group, state)
         manifold = p.manifold
+        # a cycle's first step keeps every direction the capacity holds: truncated at its end
+        policy = rank_policy(group, mask, manifold) if k == 1 else (capacity_policy(manifold), None)
+        truncate_and_carry(p, uh, sh, vh, states, state, policy, group["m2_transport"] == "squared")
+
+    @staticmethod
+    def _tangent_update(p, grad, group, state):
+        """The tangent augmentation (``integrator="parallel-bug"``) and the core update on its
+        coefficients: ``(U^, S^, V^, states, mask)``, states in the augmented coordinates."""
+        uh, vh, s0, gh, mask, (core, up, vp) = tangent_augment(p, grad, p.manifold)
+        wd = gradient_decay(group)
+        if wd:  # P_X(W) = W: the L2 term's coefficients are S^_0
+            gh = gh + wd * s0
+        k_u, k_v = gh.shape[-2:]
+        perp = (mask, core, up, vp) if group["perp_second_moment"] == "scalar" else None
+        sh, states = core_update(s0, gh, group, state, lambda x, key: embed(x, k_u, k_v), core | up | vp, perp)
+        return uh, sh, vh, states, mask
+
+    def _integrator_update(self, p, grad, group, state):
+        """One step of abc-PSI or augmented BUG on the weight's field: its own S-step
+        (``core="flow"``), or its bases with the core update on the Galerkin coefficients:
+        ``(U^, S^, V^, states, mask)``, states in the augmented coordinates."""
+        manifold = p.manifold
+        wd = gradient_decay(group)
         field = self._fields.get(id(p))  # recorded: built and checked before any step
         if field is None:  # the tangent field from p.grad
             parts = riemannian_parts(p, grad, manifold)
             (u, s, v, mask), r = parts[:4], self._active_of(p, parts[3])[1]
             self._warn_unrecorded()
-            field = self._tangent_field(parts, r, group["weight_decay"])
+            field = self._tangent_field(parts, r, wd)
         else:
             u, s, v = manifold.unpack(p, check=False)
             mask, r = self._active_of(p)
-        integrator = _INSTANCES[group["integrator"]]
         u, s, v = u[..., :r], s[..., :r, :r], v[..., :r]
-        uh, sh, vh = integrator.augmented_step(u, s, v, field, group["lr"])
-        if group["core"] != "flow":
-            sh, states = self._core_update(u, s, v, uh, vh, field, group, state)
-        policy = rank_policy(group, mask, manifold) if k == 1 else (capacity_policy(manifold), None)
-        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *policy)
-        if group["core"] != "flow":
-            for key, x in states.items():  # the coefficient states follow the kept directions
-                sq = key == "exp_avg_sq"
-                state[key] = mT(p_r * p_r if sq else p_r) @ x @ (q_r * q_r if sq else q_r)
-        self._write(p, u1, s1, v1)
-
-    @staticmethod
-    def _core_update(u, s, v, uh, vh, field, group, state):
-        """``core="momentum"|"adam"`` (class docstring): the augmented core ``S^`` and the
-        coefficient states in the augmented bases."""
+        uh, sh, vh = _INSTANCES[group["integrator"]].augmented_step(u, s, v, field, group["lr"])
+        if group["core"] == "flow":
+            return uh, sh, vh, {}, mask
         a, b = field.evaluate(u, s, v, 0.0)  # F = A B^T (recorded or tangent field)
         mu, nv = mT(uh) @ u, mT(v) @ vh  # M = U^^T U, N = V^T V^
-        s0 = mu @ s @ nv
-        g = -(mT(uh) @ a) @ (mT(b) @ vh)  # G^ = -U^^T F V^
-        r, lr = u.shape[-1], group["lr"]
-        state["step"] = state.get("step", 0) + 1
+        s0 = mu @ s @ nv  # U^ S^_0 V^^T = U S V^T exactly: U, V lie in the augmented spans
+        g = -(mT(uh) @ a) @ (mT(b) @ vh)  # G^ = -U^^T F V^, every block (L2 term included)
+        squared = group["m2_transport"] == "squared"
 
-        def embedded(key):  # a state of the old bases in the augmented ones (None on the first step)
-            x = state.get(key)
-            if x is None:
-                return None
-            sq = key == "exp_avg_sq"
-            return (mu * mu if sq else mu) @ x[..., :r, :r] @ (nv * nv if sq else nv)
+        def embedding(x, key):  # a state of the old bases (sliced to the active width) in U^, V^
+            return carry(x[..., :r, :r], mu, nv, key, squared)
 
-        if group["core"] == "momentum":
-            buf = embedded("momentum_buffer")
-            buf = g if buf is None else buf.mul_(group["momentum"]).add_(g)
-            return s0 - lr * buf, {"momentum_buffer": buf}
-        b1, b2 = group["betas"]
-        t = state["step"]
-        m1, m2 = embedded("exp_avg"), embedded("exp_avg_sq")
-        m1 = (1 - b1) * g if m1 is None else m1.lerp_(g, 1 - b1)
-        m2 = (1 - b2) * g * g if m2 is None else m2.mul_(b2).addcmul_(g, g, value=1 - b2)
-        direction = m1 / (m2.sqrt() / math.sqrt(1 - b2**t) + group["eps"])
-        return s0 - (lr / (1 - b1**t)) * direction, {"exp_avg": m1, "exp_avg_sq": m2}
+        sh, states = core_update(s0, g, group, state, embedding)
+        return uh, sh, vh, states, mask

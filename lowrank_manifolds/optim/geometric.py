@@ -38,110 +38,27 @@ solves: :math:`O((m + n) R^2 + R^3)`; no host synchronisation. States:
 ``R x R`` (one for heavy ball, two for Adam) instead of the ``(m + R + n) x R`` of
 geoopt's Riemannian optimizers.
 
-The conventions (low-rank weights and ordinary parameters in one optimizer, capacities,
-notation) are those of :mod:`lowrank_manifolds.optim._base`.
+Both are configurations of the family :class:`~lowrank_manifolds.optim.DLRT` (basis update
+``integrator="parallel-bug"``, i.e. this tangent augmentation; core ``"momentum"`` or
+``"adam"``): the steps above are :mod:`lowrank_manifolds.optim._core`'s, this module fixes
+the options and keeps the classes' signatures, defaults and numerics. The conventions
+(low-rank weights and ordinary parameters in one optimizer, capacities, notation) are those
+of :mod:`lowrank_manifolds.optim._base`.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Tuple
 
-import torch
-from torch import Tensor, nn
-
-from .._linalg import cat_last, mT
-from ..manifold import FixedRankManifold
-from ._base import (
-    LowRankOptimizer,
-    adam_update,
-    capacity_policy,
-    check_betas,
-    core_adam_step,
-    cycle_phase,
-    rank_policy,
-    riemannian_parts,
-    sgd_update,
-    truncate,
-    transport_moments,
-    truncation_options,
-)
-from .._args import nonneg, positive_int, unit_interval
+from . import _core
+from .dlrt import DLRT
 
 __all__ = ["GeometricSGD", "GeometricAdam"]
 
-
-def _augmented_basis(u: Tensor, gv: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-    r"""``(U^, C)`` from the Householder QR :math:`[U, GV] = QR` (``m x 2R``).
-
-    The signs are fixed so that ``R`` has a non-negative diagonal (the unique QR, continuous
-    in its input): on the active columns :math:`\hat U_{:, :R} = U R_{11}^{-1}` is ``U``
-    re-orthonormalised (``R_11 = I`` up to ``U``'s own rounding; the optimizers take it as
-    exactly ``I``), and the new columns are the unique QR basis of :math:`(I - UU^\top) GV`.
-    ``C`` (``2R x R``) is ``R[:, R:]`` with the rows of ``U``'s active
-    columns zeroed: the coefficients of :math:`(I - UU^\top)GV` in ``U^`` (the zeroed rows
-    hold :math:`U^\top GV`, which belongs to the core block). Its zeros are the QR's
-    exact ones, never rounding: below the diagonal of the lower block, the rows of the
-    old directions, and everything that an inactive (zero) column of ``U`` or ``GV`` touches.
-    (With ``m < 2R`` the basis has ``k = m`` columns instead of ``2R``.)
-    """
-    q, r = torch.linalg.qr(cat_last(u, gv))
-    cap, k = u.shape[-1], q.shape[-1]
-    sign = torch.where(torch.diagonal(r[..., :, :k], dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
-    new = torch.cat([~mask, mask.new_ones(*mask.shape[:-1], k - cap)], -1)
-    return q * sign.unsqueeze(-2), r[..., :, cap:] * (sign * new).unsqueeze(-1)
+#: The tangent augmentation (module docstring, steps 1-2), under its earlier name here.
+_augment = _core.tangent_augment
 
 
-def _tangent_support(mask: Tensor, k_u: int, k_v: int) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Boolean masks ``(core, up, vp)`` (``k_u x k_v``, ``2R x 2R`` unless ``m`` or ``n`` is
-    smaller) of the blocks of a tangent vector's
-    coefficients in the augmented bases of :func:`_augmented_basis` (rows: ``U^``,
-    columns: ``V^``): ``core`` = old x old directions; ``up`` = new x old, upper triangular
-    in the lower block (``C_U``); ``vp`` = old x new, its transpose pattern (``C_V^T``).
-    Everything else, the normal block new x new included, is a structural zero. The masks
-    depend only on the active columns and on indices, never on rounding."""
-    cap = mask.shape[-1]
-    old_u = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], k_u - cap)], -1)
-    old_v = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], k_v - cap)], -1)
-    i = torch.arange(k_u, device=mask.device).unsqueeze(-1)
-    j = torch.arange(k_v, device=mask.device)
-    core = old_u.unsqueeze(-1) & old_v.unsqueeze(-2)
-    up = ~old_u.unsqueeze(-1) & old_v.unsqueeze(-2) & (j >= i - cap)  # C_U: R's upper triangle
-    vp = old_u.unsqueeze(-1) & ~old_v.unsqueeze(-2) & (i >= j - cap)  # C_V^T
-    return core, up, vp
-
-
-def _embed(c: Tensor, k_u: int, k_v: int) -> Tensor:
-    r"""``R x R`` coefficients in the old bases as ``k_u x k_v`` ones in the augmented bases
-    (the old directions come first: :math:`\hat U^\top U = [I; 0]`)."""
-    return nn.functional.pad(c, (0, k_v - c.shape[-1], 0, k_u - c.shape[-2]))
-
-
-
-def _augment(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
-    r"""Augmented bases and the coefficients of :math:`\hat S_0` and of the Riemannian
-    gradient (steps 1-2 of the module docstring), with the block structure exact.
-
-    :func:`_augmented_basis` gives :math:`\hat U = [U, Q_U]`, :math:`\hat V = [V, Q_V]`
-    (``U``, ``V`` re-orthonormalised) and the coefficients :math:`C_U = \hat U^\top
-    (I - UU^\top) GV`, :math:`C_V = \hat V^\top (I - VV^\top) G^\top U` from the QRs'
-    triangular factors, so :math:`\hat S_0 = \operatorname{diag}(S, 0)` and
-    :math:`\hat G = \begin{bmatrix} dS & 0 \\ 0 & 0 \end{bmatrix} + [C_U, 0] +
-    [C_V, 0]^\top`. Entries outside ``support`` (:func:`_tangent_support`) are zero
-    by construction and set to zero explicitly, so no rounding-level coefficient
-    reaches Adam's entrywise division. Returns ``(U^, V^, S^_0, G^, mask, support)``
-    with ``support = (core, up, vp)``."""
-    u, s, v, mask, ds, gv, gtu = riemannian_parts(p, grad, manifold)
-    mask = mask > 0
-    uh, cu = _augmented_basis(u, gv, mask)
-    vh, cv = _augmented_basis(v, gtu, mask)
-    cap, k_u, k_v = manifold.capacity, uh.shape[-1], vh.shape[-1]
-    support = _tangent_support(mask, k_u, k_v)
-    gh = _embed(ds, k_u, k_v) + nn.functional.pad(cu, (0, k_v - cap)) + nn.functional.pad(mT(cv), (0, 0, 0, k_u - cap))
-    gh = gh * (support[0] | support[1] | support[2])
-    return uh, vh, _embed(s, k_u, k_v), gh, mask, support
-
-
-class GeometricSGD(LowRankOptimizer):
+class GeometricSGD(DLRT):
     r"""Geometry-aware heavy ball (SGD with momentum) for low-rank weights.
 
     Schotthöfer, Klein, Kusch, "A geometric framework for momentum-based optimizers
@@ -152,6 +69,17 @@ class GeometricSGD(LowRankOptimizer):
     docstring, steps 1-5); the buffer update follows ``torch.optim.SGD``
     (``buf = momentum * buf + (1 - dampening) * g``, first step ``buf = g``;
     Nesterov: direction ``g + momentum * buf``).
+
+    One step (coefficients in the augmented bases; ``diag(b, 0)`` the zero-padding embedding)::
+
+        U^ = orth[U, GV], V^ = orth[V, G^T U]              (unique QRs, exact block zeros)
+        S^_0 = diag(S, 0),  G^ = U^^T P_X(G) V^ + weight_decay S^_0
+        b = G^ (first step)  or  momentum diag(b, 0) + (1 - dampening) G^
+        S^ = S^_0 - lr (G^ + momentum b  if nesterov else  b)
+        S^ = P diag(s) Q^T,  U1 = U^ P_r, S1 = diag(s_r), V1 = V^ Q_r,  b <- P_r^T b Q_r
+
+    :class:`~lowrank_manifolds.optim.DLRT` with ``integrator="parallel-bug"``,
+    ``core="momentum"``, ``euclidean="sgd"``.
 
     Parameters
     ----------
@@ -191,48 +119,17 @@ class GeometricSGD(LowRankOptimizer):
         fixed_rank: bool = False,
         **deprecated: Any,
     ):
-        defaults = dict(
-            truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
-            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-        )
-        super().__init__(params, defaults)
-
-    def _check_group(self, group):
-        super()._check_group(group)
-        unit_interval(group["momentum"], "momentum")
-        nonneg(group["dampening"], "dampening")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires momentum > 0 and dampening = 0")
-
-    def _euclidean_step(self, p, grad, group, state):
-        sgd_update(
-            p, grad, state, group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"]
+        super().__init__(
+            params, lr, "parallel-bug", core="momentum", euclidean="sgd", momentum=momentum, dampening=dampening,
+            nesterov=nesterov, weight_decay=weight_decay, tol=tol, relative=relative, min_rank=min_rank,
+            fixed_rank=fixed_rank, **deprecated,
         )
 
-    def _lowrank_step(self, p, grad, group, state):
-        manifold = p.manifold
-        uh, vh, s0, gh, mask, _ = _augment(p, grad, manifold)
-        if group["weight_decay"]:
-            gh = gh + group["weight_decay"] * s0
-        mom = group["momentum"]
-        if mom:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                bh = gh.clone()
-            else:
-                bh = _embed(buf, *gh.shape[-2:])
-                bh.mul_(mom).add_(gh, alpha=1 - group["dampening"])
-            direction = gh + mom * bh if group["nesterov"] else bh
-        else:
-            direction = gh
-        sh = s0 - group["lr"] * direction
-        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *rank_policy(group, mask, manifold))
-        if mom:
-            state["momentum_buffer"] = mT(p_r) @ bh @ q_r
-        self._write(p, u1, s1, v1)
+    def _configure(self, group):
+        group.update(integrator="parallel-bug", core="momentum", euclidean="sgd")
 
 
-class GeometricAdam(LowRankOptimizer):
+class GeometricAdam(DLRT):
     r"""Geometry-aware Adam / AdamW for low-rank weights (Schotthöfer, Klein, Kusch 2025).
 
     First and second moments are ``R x R`` coefficient matrices in the current bases.
@@ -243,6 +140,19 @@ class GeometricAdam(LowRankOptimizer):
     direction :math:`D = \hat m_1 / (\sqrt{\hat m_2} + \epsilon)` (zero in the
     lower-right block, hence tangent), :math:`\hat S = \hat S_0 - \eta D`, truncation,
     moments truncated with the same singular vectors.
+
+    One step (coefficients in the augmented bases, as :class:`GeometricSGD`)::
+
+        U^, V^, S^_0, G^ as GeometricSGD   (L2: G^ += weight_decay S^_0;
+                                            AdamW: S^_0 <- (1 - lr weight_decay) S^_0)
+        t += 1,  m1 = b1 diag(m1, 0) + (1 - b1) G^,  m2 = b2 diag(m2, 0) + (1 - b2) G^*G^
+        D = (m1 / (1 - b1^t)) / (sqrt(m2 / (1 - b2^t)) + eps) on the tangent blocks, 0 elsewhere
+        S^ = S^_0 - lr D
+        S^ = P diag(s) Q^T,  U1 = U^ P_r, S1 = diag(s_r), V1 = V^ Q_r
+        m1 <- P_r^T m1 Q_r,  m2 <- (P_r*P_r)^T m2 (Q_r*Q_r)   (m2_transport="squared")
+
+    :class:`~lowrank_manifolds.optim.DLRT` with ``integrator="parallel-bug"``, ``core="adam"``,
+    ``euclidean="adam"`` (``"adamw"`` with ``decoupled_weight_decay``).
 
     Parameters
     ----------
@@ -279,9 +189,9 @@ class GeometricAdam(LowRankOptimizer):
 
     augment_every : int
         The schedule. ``1`` (default): augment and truncate at every step, as above.
-        ``k > 1``: the cycle of the authors' training code (RobustDLRT's augmented-BUG
-        layers: augment every ``num_local_iter`` batches, AdamW on the augmented core in
-        between, then truncate)::
+        ``k > 1``: the cycle of the authors' training code (RobustDLRT, the augmented-BUG
+        layers of ``lr_layer_augBUG.py``: augment every ``num_local_iter`` batches, AdamW on
+        the augmented core in between, then truncate)::
 
             step 0 of a cycle:  augment as above, Adam step on S^, keep the leading R singular
                                 directions (no tolerance: the new directions survive)
@@ -314,90 +224,14 @@ class GeometricAdam(LowRankOptimizer):
         augment_every: int = 1,
         **deprecated: Any,
     ):
-        defaults = dict(
-            truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
-            lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
-            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, m2_transport=m2_transport,
-            perp_second_moment=perp_second_moment, augment_every=augment_every,
-        )
-        super().__init__(params, defaults)
-
-    def _check_group(self, group):
-        super()._check_group(group)
-        check_betas(group["betas"])
-        nonneg(group["eps"], "eps")
-        group.setdefault("m2_transport", "squared")
-        if group["m2_transport"] not in ("sqrt", "squared"):
-            raise ValueError(f"m2_transport must be 'sqrt' or 'squared', got {group['m2_transport']!r}")
-        group.setdefault("augment_every", 1)
-        positive_int(group["augment_every"], "augment_every")
-        if group["augment_every"] > 1 and group["fixed_rank"]:
-            raise ValueError("augment_every > 1 grows the rank inside a cycle: it needs fixed_rank=False")
-        group.setdefault("perp_second_moment", "entrywise")
-        if group["perp_second_moment"] not in ("entrywise", "scalar"):
-            raise ValueError(
-                f"perp_second_moment must be 'entrywise' or 'scalar', got {group['perp_second_moment']!r}"
-            )
-
-    def _euclidean_step(self, p, grad, group, state):
-        adam_update(
-            p, grad, state, group["lr"], group["betas"], group["eps"], group["weight_decay"],
-            group["decoupled_weight_decay"],
+        super().__init__(
+            params, lr, "parallel-bug", core="adam", euclidean="adamw" if decoupled_weight_decay else "adam",
+            betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            tol=tol, relative=relative, min_rank=min_rank, fixed_rank=fixed_rank, m2_transport=m2_transport,
+            perp_second_moment=perp_second_moment, augment_every=augment_every, **deprecated,
         )
 
-    def _lowrank_step(self, p, grad, group, state):
-        k = group["augment_every"]
-        phase = cycle_phase(group, state)
-        if phase > 0:
-            return core_adam_step(p, grad, group, state, phase == k - 1)
-        manifold = p.manifold
-        lr, wd = group["lr"], group["weight_decay"]
-        b1, b2 = group["betas"]
-        if wd and group["decoupled_weight_decay"]:
-            manifold.unpack(p)[1].mul_(1 - lr * wd)  # S (a view)
-            wd = 0.0
-        uh, vh, s0, gh, mask, (core, up, vp) = _augment(p, grad, manifold)
-        if wd:
-            gh = gh + wd * s0
-        if "step" not in state:
-            state["step"] = 0
-            cap = manifold.capacity
-            state["exp_avg"] = p.new_zeros(*p.shape[:-2], cap, cap)
-            state["exp_avg_sq"] = p.new_zeros(*p.shape[:-2], cap, cap)
-        scalar_perp = group.get("perp_second_moment", "entrywise") == "scalar"
-        if scalar_perp and "exp_avg_sq_perp" not in state:
-            state["exp_avg_sq_perp"] = p.new_zeros(*p.shape[:-2], 2)
-        state["step"] += 1
-        step = state["step"]
-        squared = group["m2_transport"] == "squared"
-        # Augmentation transport is the embedding (the old directions are the first ones
-        # of the augmented bases), exact for either m2 transport; m1 and m2 vanish outside
-        # the support because gh does and the transported states live in the core.
-        m1 = _embed(state["exp_avg"], *gh.shape[-2:]).lerp_(gh, 1 - b1)
-        m2 = _embed(state["exp_avg_sq"], *gh.shape[-2:]).mul_(b2).addcmul_(gh, gh, value=1 - b2)
-        c2, eps = math.sqrt(1 - b2**step), group["eps"]
-        if not scalar_perp:  # the paper's entrywise second moment in all blocks
-            denom = (m2.sqrt() / c2).add_(eps)
-        else:
-            # The basis-rotation blocks Up (new x old directions) and Vp (old x new) have
-            # as rows (columns) the fresh columns of orth[U, GV] (orth[V, G^T U]): new
-            # directions at every step, so an entrywise second moment has no history there
-            # (the transported state is zero on them). They get one scalar second moment
-            # each, the EMA of the mean square of their gradient coefficients: invariant
-            # under the choice of those columns, hence carried.
-            count = mask.sum(-1).clamp(min=1).to(gh.dtype).square()
-            sq = gh.square()
-            ms = torch.stack([(sq * up).sum((-2, -1)), (sq * vp).sum((-2, -1))], -1) / count.unsqueeze(-1)
-            v_perp = state["exp_avg_sq_perp"]
-            v_perp.mul_(b2).add_(ms, alpha=1 - b2)
-            rms_perp = (v_perp.sqrt() / c2 + eps).unsqueeze(-1).unsqueeze(-1)
-            denom = torch.where(up, rms_perp[..., 0, :, :], rms_perp[..., 1, :, :])
-            denom = torch.where(core, m2.sqrt() / c2 + eps, denom)
-        # Exactly zero outside the tangent support (also for eps = 0, where 0 / 0 would be NaN).
-        direction = torch.where(core | up | vp, m1 / denom, 0.0)
-        sh = s0 - (lr / (1 - b1**step)) * direction
-        # a cycle's first step keeps every direction the capacity holds: truncated at its end
-        policy = rank_policy(group, mask, manifold) if k == 1 else (capacity_policy(manifold), None)
-        u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *policy)
-        transport_moments(state, m1, m2, p_r, q_r, squared)
-        self._write(p, u1, s1, v1)
+    def _configure(self, group):
+        # ordinary parameters follow the group's decay: torch.optim.Adam, or AdamW
+        group.update(integrator="parallel-bug", core="adam",
+                     euclidean="adamw" if group["decoupled_weight_decay"] else "adam")
