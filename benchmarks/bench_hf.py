@@ -299,7 +299,7 @@ def write(results, out, figures, quick):
     name = "hf"
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     cfg = results["config"]
-    lines = [f"# Fine-tuning a byte-level Llama (hidden 64, 2 layers) on `asyncio` after pre-training on `Lib/*.py`",
+    lines = ["# Fine-tuning a byte-level Llama (hidden 64, 2 layers) on `asyncio` after pre-training on `Lib/*.py`",
              "",
              f"`python benchmarks/bench_hf.py{' --quick' if quick else ''}`: {cfg['steps']} steps, batch "
              f"{cfg['batch']} x {cfg['T']} bytes, lr from the grid on seed 0, then seeds "
@@ -339,6 +339,15 @@ def plot(results, figures, name):
         print("matplotlib not installed: no plot")
         return
     figures.mkdir(parents=True, exist_ok=True)
+
+    def finish(fig, ax, ylabel, suffix):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(figures / f"{name}_{suffix}.png", dpi=110)
+        print(f"plot saved to {figures / f'{name}_{suffix}.png'}")
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, r in results["methods"].items():
         curves = [dict(s["curve"]) for s in r["seeds"]]
@@ -346,12 +355,7 @@ def plot(results, figures, name):
         mean = [statistics.mean(c[s] for c in curves) for s in steps]
         ax.plot(steps, mean, label=f"{method} (lr {r['best_lr']:g})")
     ax.axhline(results["pretrain"]["finetune_val_before"], color="grey", ls=":", label="before fine-tuning")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/byte), mean of seeds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figures / f"{name}_val_loss.png", dpi=110)
-    print(f"plot saved to {figures / (name + '_val_loss.png')}")
+    finish(fig, ax, "validation loss (nats/byte), mean of seeds", "val_loss")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, r in results["methods"].items():
         rc = r["seeds"][0]["ranks"]
@@ -359,12 +363,7 @@ def plot(results, figures, name):
             continue
         ax.plot([s for s, _ in rc], [statistics.mean(v) for _, v in rc], label=method)
     ax.axhline(ADAPTER_RANK, color="grey", ls=":", label="LoRA r / AdaLoRA target")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean rank over the 14 projections (seed 0)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figures / f"{name}_ranks.png", dpi=110)
-    print(f"plot saved to {figures / (name + '_ranks.png')}")
+    finish(fig, ax, "mean rank over the 14 projections (seed 0)", "ranks")
 
 
 def main():

@@ -399,36 +399,39 @@ def test_planted_mlp_loss_decreases_at_quarter_rank():
 # --------------------------------------------------------------------------
 # state_dict round trip
 # --------------------------------------------------------------------------
-def test_state_dict_round_trip_resumes_identically():
-    def make():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(),
-                                   torch.nn.Linear(16, 10))
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
 
+
+def _run(model, opt, batches):
+    for x in batches:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("current", [False, True], ids=["reconstruction", "current-gradient"])
+def test_state_dict_round_trip_resumes_identically(current):
     gen = _gen(8)
     xs = [torch.randn(5, 12, generator=gen) for _ in range(12)]
-
-    def run(model, opt, batches):
-        for x in batches:
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-
-    model = make()
-    opt = LoRAPreAdam(model.parameters(), lr=1e-2, rank=3, weight_decay=0.01)
-    run(model, opt, xs[:6])
+    kw = dict(lr=1e-2, rank=3, weight_decay=0.01, current_gradient=current)
+    model = _mlp()
+    opt = LoRAPreAdam(model.parameters(), **kw)
+    _run(model, opt, xs[:6])
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    run(model, opt, xs[6:])
+    _run(model, opt, xs[6:])
 
     buf.seek(0)
     ckpt = torch.load(buf)
-    model2 = make()
+    assert all(g["current_gradient"] is current for g in ckpt["opt"]["param_groups"])
+    model2 = _mlp()
     model2.load_state_dict(ckpt["model"])
-    opt2 = LoRAPreAdam(model2.parameters(), lr=1e-2, rank=3, weight_decay=0.01)
+    opt2 = LoRAPreAdam(model2.parameters(), **kw)
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.is_factored(model2[0].weight)
-    run(model2, opt2, xs[6:])
+    _run(model2, opt2, xs[6:])
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     for p1, p2 in zip(model.parameters(), model2.parameters()):
@@ -801,49 +804,23 @@ def test_current_gradient_full_rank_abs_mode_first_moment_is_adams_ema():
     assert _rel_err(w.detach() - w0, w_ref.detach() - w0) > 1e-4
 
 
-def test_current_gradient_round_trip_nonfinite_and_planted_problem():
-    def make():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
-
+def test_current_gradient_refuses_a_nonfinite_gradient_and_trains_the_planted_problem():
     gen = _gen(24)
-    xs = [torch.randn(5, 12, generator=gen) for _ in range(10)]
-
-    def run(model, opt, batches):
-        for x in batches:
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-
-    kw = dict(lr=1e-2, rank=3, weight_decay=0.01, current_gradient=True)
-    model = make()
-    opt = LoRAPreAdam(model.parameters(), **kw)
-    run(model, opt, xs[:5])
+    model = _mlp()
+    opt = LoRAPreAdam(model.parameters(), lr=1e-2, rank=3, weight_decay=0.01, current_gradient=True)
+    _run(model, opt, [torch.randn(5, 12, generator=gen) for _ in range(5)])
     assert opt.is_factored(model[0].weight)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    run(model, opt, xs[5:])
-    buf.seek(0)
-    ckpt = torch.load(buf)
-    assert all(g["current_gradient"] for g in ckpt["opt"]["param_groups"])
-    model2 = make()
-    model2.load_state_dict(ckpt["model"])
-    opt2 = LoRAPreAdam(model2.parameters(), **kw)
-    opt2.load_state_dict(ckpt["opt"])
-    run(model2, opt2, xs[5:])
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
     # a non-finite gradient raises before anything is written
-    before = copy.deepcopy(opt2.state_dict())
-    params = [p.detach().clone() for p in model2.parameters()]
-    model2[0].weight.grad[0, 0] = float("nan")
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    model[0].weight.grad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
-        opt2.step()
-    for a, b in zip(model2.parameters(), params):
+        opt.step()
+    for a, b in zip(model.parameters(), params):
         assert torch.equal(a, b)
     for key, st_ in before["state"].items():
         for name, v in st_.items():
-            assert torch.equal(v, opt2.state_dict()["state"][key][name])
+            assert torch.equal(v, opt.state_dict()["state"][key][name])
     # and it trains the planted problem
     l0, l_cur, _ = _train(lambda ps: LoRAPreAdam(ps, lr=1e-2, rank=16, current_gradient=True))
     assert math.isfinite(l_cur) and l_cur < l0 / 10

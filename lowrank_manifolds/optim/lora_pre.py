@@ -384,18 +384,9 @@ class LoRAPreAdam(Optimizer):
         current_gradient: bool = False,
     ) -> None:
         defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            rank=rank,
-            second_moment=second_moment,
-            solve_eps=solve_eps,
-            always_factor=always_factor,
-            muon=muon,
-            ns_steps=ns_steps,
-            factor_first_moment=factor_first_moment,
-            current_gradient=current_gradient,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, second_moment=second_moment,
+            solve_eps=solve_eps, always_factor=always_factor, muon=muon, ns_steps=ns_steps,
+            factor_first_moment=factor_first_moment, current_gradient=current_gradient,
         )
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
