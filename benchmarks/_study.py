@@ -87,10 +87,19 @@ def fmt_spread(xs: Sequence[float], digits: int = 3) -> str:
     return text + (f" ({bad} diverged)" if bad else "")
 
 
-def write_results(stem: str, markdown: str, data: Dict) -> None:
-    """``stem.md`` and ``stem.json``, the folder created."""
+def write_results(stem: str, figures: str, markdown: str, data: Dict, quick: bool) -> Tuple[str, str]:
+    """``stem.md`` and ``stem.json`` (the folders created); a ``quick`` crash test writes into a
+    fresh temporary folder instead, for the figures too. Returns ``(stem, figures)`` as used."""
+    if quick:
+        import tempfile
+
+        figures = tempfile.mkdtemp(prefix=f"{os.path.basename(stem)}_quick_")
+        stem = os.path.join(figures, os.path.basename(stem))
+        print(f"--quick: a crash test, not a result; files in {figures}")
     os.makedirs(os.path.dirname(stem), exist_ok=True)
+    os.makedirs(figures, exist_ok=True)
     with open(stem + ".md", "w") as fh:
         fh.write(markdown)
     with open(stem + ".json", "w") as fh:
         json.dump(data, fh, indent=1)
+    return stem, figures

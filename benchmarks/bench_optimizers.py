@@ -297,7 +297,7 @@ def markdown(all_results, cfg, argv):
     return "\n".join(lines)
 
 
-def plot(all_results, figdir, quick):
+def plot(all_results, figdir):
     try:
         import matplotlib
 
@@ -384,17 +384,10 @@ def main(argv=None):
                      if a != "--cache" and (i == 0 or (sys.argv[1:] if argv is None else argv)[i - 1] != "--cache"))
     md = markdown(all_results, cfg, shown)
     print(md)
-    if cfg.quick:
-        import tempfile
-
-        cfg.out = os.path.join(tempfile.mkdtemp(prefix="bench_optimizers_quick_"), "optimizers")
-        cfg.figures = os.path.dirname(cfg.out)
-        print(f"--quick: a crash test, not a result; files in {cfg.figures}")
     info = dict(machine=dict(platform=platform.platform(), torch=torch.__version__, threads=1),
                 wall_s=time.time() - t0, argv=shown)
-    write_results(cfg.out, md, dict(config=info, results=all_results))
-    os.makedirs(cfg.figures, exist_ok=True)
-    print(plot(all_results, cfg.figures, cfg.quick))
+    _, figures = write_results(cfg.out, cfg.figures, md, dict(config=info, results=all_results), cfg.quick)
+    print(plot(all_results, figures))
     return all_results
 
 
