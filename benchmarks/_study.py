@@ -87,6 +87,16 @@ def fmt_spread(xs: Sequence[float], digits: int = 3) -> str:
     return text + (f" ({bad} diverged)" if bad else "")
 
 
+def save_figure(fig, path: str) -> str:
+    """Lay out, write (110 dpi) and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_results(stem: str, figures: str, markdown: str, data: Dict, quick: bool) -> Tuple[str, str]:
     """``stem.md`` and ``stem.json`` (the folders created); a ``quick`` crash test writes into a
     fresh temporary folder instead, for the figures too. Returns ``(stem, figures)`` as used."""

@@ -62,7 +62,7 @@ import geoopt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _study import RunCache, fmt_spread, loss_of, select_lr, spread, stepped, write_results  # noqa: E402
+from _study import RunCache, fmt_spread, loss_of, save_figure, select_lr, spread, stepped, write_results  # noqa: E402
 from lowrank_manifolds import FixedRankManifold  # noqa: E402
 from lowrank_manifolds.optim import DLRT, GeometricAdam  # noqa: E402
 
@@ -327,11 +327,7 @@ def plot(all_results, figdir):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title(f"{problem}: seed 0, each method at its chosen rate")
-        path = os.path.join(figdir, f"optimizers_{problem}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, os.path.join(figdir, f"optimizers_{problem}.png")))
     return paths
 
 
