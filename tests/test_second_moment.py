@@ -197,3 +197,22 @@ def test_capacity_padding_stays_zero_and_follows_fixed_rank():
             up, mm, vp = padded.unpack(t)
             assert not up[:, r:].any() and not vp[:, r:].any() and not mm[r:].any() and not mm[:, r:].any()
         assert padded.check_point_on_manifold(xs[1])
+
+
+@pytest.mark.parametrize("cls,args", [("LowRankLinear", (12, 9, 3)), ("LowRankConv2d", (3, 5, 3, 2))])
+def test_layers_take_the_second_moment_and_save_it(cls, args, tmp_path):
+    pytest.importorskip("safetensors")
+    from lowrank_manifolds import nn as lnn
+
+    torch.manual_seed(0)
+    layer = getattr(lnn, cls)(*args, max_rank=args[-1] + 1, tol=0.1, second_moment="rows")
+    assert layer.weight.manifold.second_moment == "rows"
+    assert getattr(lnn, cls)(*args).weight.manifold.second_moment == "scalar"
+    model = torch.nn.Sequential(layer)
+    lnn.save_lowrank(model, tmp_path)
+    dense = torch.nn.Linear(args[0], args[1]) if cls == "LowRankLinear" else torch.nn.Conv2d(*args[:3])
+    fresh = lnn.load_lowrank(torch.nn.Sequential(dense), tmp_path)
+    assert fresh[0].weight.manifold.second_moment == "rows"
+    assert torch.equal(fresh[0].weight, layer.weight)
+    with pytest.raises(ValueError, match="second_moment"):
+        getattr(lnn, cls)(*args, second_moment="entrywise")

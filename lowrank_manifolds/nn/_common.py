@@ -134,15 +134,17 @@ def check_capacity(max_rank, rank: int, m: int, n: int, what: str) -> Optional[i
     return max_rank
 
 
-def make_manifold(m: int, n: int, rank: int, max_rank, tol, retraction="metric") -> FixedRankManifold:
+def make_manifold(m: int, n: int, rank: int, max_rank, tol, retraction="metric",
+                  second_moment="scalar") -> FixedRankManifold:
     """The weight's manifold: fixed rank, or rank-adaptive with capacity ``max_rank`` and
-    truncation tolerance ``tol`` (relative); ``retraction`` as :class:`FixedRankManifold`'s."""
+    truncation tolerance ``tol`` (relative); ``retraction`` and ``second_moment`` as
+    :class:`FixedRankManifold`'s."""
     if max_rank is None:
         if tol not in (None, 0, 0.0):
             raise ValueError("tol is the rank-adaptive truncation tolerance: it needs max_rank")
-        return FixedRankManifold(m, n, rank, retraction=retraction)
+        return FixedRankManifold(m, n, rank, retraction=retraction, second_moment=second_moment)
     return FixedRankManifold(m, n, rank, max_rank=max_rank, tol=0.0 if tol is None else tol,
-                             retraction=retraction)
+                             retraction=retraction, second_moment=second_moment)
 
 
 def manifold_repr(mf: FixedRankManifold) -> str:

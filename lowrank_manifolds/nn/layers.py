@@ -34,13 +34,13 @@ class _LowRankWeight(ManifoldModule):
 
     weight: geoopt.ManifoldParameter
 
-    def _init_weight(self, m: int, n: int, rank: int, *, max_rank, tol, retraction, bias: bool,
-                     dtype, device, what: str) -> None:
+    def _init_weight(self, m: int, n: int, rank: int, *, max_rank, tol, retraction, second_moment,
+                     bias: bool, dtype, device, what: str) -> None:
         """Validate the rank and capacity, create :attr:`weight` (an ``m x n`` matrix on its
         manifold) and ``bias`` (``m``), then draw them (``reset_parameters``)."""
         check_rank(rank, m, n, what)
         check_capacity(max_rank, rank, m, n, what)
-        manifold = make_manifold(m, n, rank, max_rank, tol, retraction)
+        manifold = make_manifold(m, n, rank, max_rank, tol, retraction, second_moment)
         self._keep_manifold("weight", manifold)
         point = torch.empty(manifold.packed_shape, dtype=dtype, device=device)
         self.weight = geoopt.ManifoldParameter(
@@ -181,6 +181,11 @@ class LowRankLinear(_LowRankWeight):
         of ``m x r`` and ``n x r``, 13-17 % faster per RiemannianAdam step on the
         benchmark MLP (``docs/benchmarks.md``), but it needs ``S + M`` invertible
         and keeps the rank fixed (no ``max_rank``).
+    second_moment : {"scalar", "rows"}
+        What stock geoopt ``RiemannianAdam`` keeps as its second moment on this weight (see
+        :class:`~lowrank_manifolds.FixedRankManifold`): ``"scalar"`` (default), steps of
+        Frobenius norm about ``lr``; ``"rows"``, steps of about ``lr`` per entry of the
+        factors, at Adam-like rates (``docs/training.md``, which optimizer for what).
     dtype, device
         Factory arguments of the parameters.
 
@@ -213,14 +218,15 @@ class LowRankLinear(_LowRankWeight):
         bias: bool = True,
         *,
         max_rank: Optional[int] = None, tol: float = 0.0, retraction: str = "metric",
+        second_moment: str = "scalar",
         dtype: Optional[torch.dtype] = None, device=None,
     ):
         super().__init__()
         self.in_features = positive_int(in_features, "in_features")
         self.out_features = positive_int(out_features, "out_features")
         self._init_weight(out_features, in_features, rank, max_rank=max_rank, tol=tol,
-                          retraction=retraction, bias=bias, dtype=dtype, device=device,
-                          what="LowRankLinear")
+                          retraction=retraction, second_moment=second_moment, bias=bias, dtype=dtype,
+                          device=device, what="LowRankLinear")
 
     def reset_parameters(self) -> None:
         """Draw a fresh weight and bias (see the class notes); cost ``O((m + n) r^2)``."""
@@ -350,9 +356,9 @@ class LowRankConv2d(_LowRankWeight):
         as one matrix); other values raise ``ValueError``.
     bias : bool
     padding_mode : {"zeros", "reflect", "replicate", "circular"}
-    max_rank, tol, retraction
-        Capacity and truncation tolerance of a rank-adaptive layer, and the
-        manifold's retraction, as in :class:`LowRankLinear`.
+    max_rank, tol, retraction, second_moment
+        Capacity and truncation tolerance of a rank-adaptive layer, the manifold's
+        retraction and RiemannianAdam's second moment, as in :class:`LowRankLinear`.
     dtype, device
 
     Notes
@@ -389,6 +395,7 @@ class LowRankConv2d(_LowRankWeight):
         padding_mode: str = "zeros",
         *,
         max_rank: Optional[int] = None, tol: float = 0.0, retraction: str = "metric",
+        second_moment: str = "scalar",
         dtype: Optional[torch.dtype] = None, device=None,
     ):
         super().__init__()
@@ -425,8 +432,8 @@ class LowRankConv2d(_LowRankWeight):
         kh, kw = self.kernel_size
         n = in_channels * kh * kw
         self._init_weight(out_channels, n, rank, max_rank=max_rank, tol=tol,
-                          retraction=retraction, bias=bias, dtype=dtype, device=device,
-                          what="LowRankConv2d")
+                          retraction=retraction, second_moment=second_moment, bias=bias, dtype=dtype,
+                          device=device, what="LowRankConv2d")
 
     def reset_parameters(self) -> None:
         """Draw a fresh weight and bias (see :class:`LowRankLinear`), fan-in ``in*kh*kw``."""

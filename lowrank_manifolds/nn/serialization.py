@@ -7,7 +7,7 @@ rest as JSON in its metadata):
 - :class:`LowRankLinear` / :class:`LowRankConv2d`: the packed point ``[U; S; V]`` (static
   shape ``(m + R + n, R)``, inactive part exactly zero), the bias; the capacity ``R``, the
   nominal and the active rank, the truncation policy of the manifold (``tol``, ``relative``,
-  ``min_rank``), the retraction and the dense type the layer replaced;
+  ``min_rank``), the retraction, the second moment and the dense type the layer replaced;
 - :class:`LowRankAdapterLinear`: the correction ``delta`` and, for adapters made by
   :func:`~lowrank_manifolds.nn.add_adapters`, the initial correction :math:`\Delta_0` that was
   folded into the base (:math:`W_0 \leftarrow W_0 - \Delta_0`, so that the adapted model starts
@@ -145,6 +145,7 @@ def _layer_spec(layer: nn.Module) -> Dict[str, Any]:
         "adaptive": bool(mf.adaptive),
         "active_rank": active_rank_int(mf, layer.delta if isinstance(layer, LowRankAdapterLinear) else layer.weight),
         "retraction": _retraction_name(mf),
+        "second_moment": mf.second_moment,
         "dtype": str((layer.delta if isinstance(layer, LowRankAdapterLinear) else layer.weight).dtype),
     }
     if mf.adaptive:
@@ -243,7 +244,7 @@ def _file(path, create: bool = False) -> str:
 # ------------------------------------------------------------------ loading
 def _build_lowrank(spec: Dict[str, Any], dense: nn.Module, name: str) -> nn.Module:
     kw = dict(max_rank=spec["capacity"] if spec["adaptive"] else None, tol=spec.get("tol", 0.0),
-              retraction=spec["retraction"])
+              retraction=spec["retraction"], second_moment=spec.get("second_moment", "scalar"))
     if spec["class"] == "LowRankConv2d":
         if type(dense) is not nn.Conv2d:
             raise TypeError(f"{name}: the saved layer replaced an nn.Conv2d, the model has a {type(dense).__name__}")
