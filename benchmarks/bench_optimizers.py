@@ -37,6 +37,9 @@ the example's 2e-3 for ``digits``; ``dense Adam`` runs the grid's rate on everyt
   (abc-PSI takes no Adam core: its V^ does not contain V). In ``matrix`` the field is
   ``-P_X G`` (no layer records it), where abc-PSI is the retraction step.
 
+``--at-rates FILE`` skips the selection and runs the rates of an earlier results file (the
+1000-step runs at the 300-step rates).
+
 Protocol: for each problem and method the rate is chosen from its grid (``GRIDS``, factor 3
 between points), extended beyond an edge while the best rate is there (at most
 ``--max-extend`` points, every method alike), on seed 0 (``matrix``: on the mean score of seeds
@@ -46,6 +49,7 @@ between points), extended beyond an edge while the best rate is there (at most
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -297,7 +301,7 @@ def markdown(all_results, cfg, argv):
     return "\n".join(lines)
 
 
-def plot(all_results, figdir):
+def plot(all_results, figdir, prefix):
     try:
         import matplotlib
 
@@ -327,7 +331,7 @@ def plot(all_results, figdir):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title(f"{problem}: seed 0, each method at its chosen rate")
-        paths.append(save_figure(fig, os.path.join(figdir, f"optimizers_{problem}.png")))
+        paths.append(save_figure(fig, os.path.join(figdir, f"{prefix}_{problem}.png")))
     return paths
 
 
@@ -337,10 +341,13 @@ def main(argv=None):
     p.add_argument("--problems", default=",".join(PROBLEMS))
     p.add_argument("--methods", default=";".join(METHODS), help="';'-separated subset of the methods")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--max-extend", type=int, default=2)
+    p.add_argument("--max-extend", type=int, default=3)
     p.add_argument("--matrix-iters", type=int, default=3000)
     p.add_argument("--digits-epochs", type=int, default=20)
     p.add_argument("--char-steps", type=int, default=300)
+    p.add_argument("--at-rates", default=None,
+                   help="a results json of this script: run its chosen rates, no selection (e.g. 1000 "
+                        "steps at the 300-step rates)")
     p.add_argument("--cache", default=None, help="jsonl file of finished runs (resume)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "optimizers"))
     p.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"))
@@ -351,6 +358,10 @@ def main(argv=None):
         cfg.matrix_iters, cfg.digits_epochs, cfg.char_steps, cfg.seeds, cfg.max_extend = 30, 1, 8, "0,1", 0
     cfg.seeds = [int(s) for s in cfg.seeds.split(",")]
     cache = RunCache(cfg.cache)
+    rates = None
+    if cfg.at_rates:
+        with open(cfg.at_rates) as fh:
+            rates = json.load(fh)["results"]
     methods = [m for m in cfg.methods.split(";") if m in METHODS]
     all_results, t0 = {}, time.time()
     for problem in cfg.problems.split(","):
@@ -371,9 +382,12 @@ def main(argv=None):
                 scores = [loss_of(train(lr, s, method), "score") for s in SELECT_SEEDS.get(problem, (0,))]
                 return dict(lr=lr, score=sum(scores) / len(scores))
 
-            lrs = grid(problem, method)
-            lrs = lrs[1:2] if cfg.quick else lrs
-            lr, tried = select_lr(selection, lrs, lambda r: r["score"], cfg.max_extend)
+            if rates is not None:  # the rate chosen before, no selection
+                lr, tried = rates[problem][method]["lr"], []
+            else:
+                lrs = grid(problem, method)
+                lrs = lrs[1:2] if cfg.quick else lrs
+                lr, tried = select_lr(selection, lrs, lambda r: r["score"], cfg.max_extend)
             results[method] = dict(lr=lr, grid=tried, seeds=[train(lr, s) for s in cfg.seeds])
         all_results[problem] = results
     shown = " ".join(a for i, a in enumerate(sys.argv[1:] if argv is None else argv)
@@ -383,7 +397,7 @@ def main(argv=None):
     info = dict(machine=dict(platform=platform.platform(), torch=torch.__version__, threads=1),
                 wall_s=time.time() - t0, argv=shown)
     _, figures = write_results(cfg.out, cfg.figures, md, dict(config=info, results=all_results), cfg.quick)
-    print(plot(all_results, figures))
+    print(plot(all_results, figures, os.path.basename(cfg.out)))
     return all_results
 
 
