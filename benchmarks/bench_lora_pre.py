@@ -59,11 +59,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import char_transformer as ct  # noqa: E402
+from _study import RunCache, loss_of, save_figure, select_lr, spread, write_results  # noqa: E402
 from lowrank_manifolds.optim import LoRAPreAdam  # noqa: E402
 
 METHODS = ["Adam", "LoRA-Pre (reconstruction)", "LoRA-Pre (current g)",
@@ -234,13 +236,6 @@ def interleaved_times(ex, methods, dense_lr, rounds, per_round):
     return {m: dict(ratio=statistics.median(v), min=min(v), max=max(v)) for m, v in ratios.items()}
 
 
-def spread(xs):
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan"), float("nan")
-    return statistics.fmean(xs), min(xs), max(xs)
-
-
 def summarise(runs, best, widths, step_counts, seeds, timing):
     """Per width and step count: val / Adam per seed (same seed), mean, min, max."""
     rows = []
@@ -328,11 +323,7 @@ def plot(rows, runs, best, widths, step_counts, figdir, prefix):
         ax.set(title=f"width {w}", ylabel="validation loss / Adam's (same seed)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = os.path.join(figdir, f"{prefix}_relative.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    out.append(path)
+    out.append(save_figure(fig, os.path.join(figdir, f"{prefix}_relative.png")))
     fig, axes = plt.subplots(1, len(widths), figsize=(5.5 * len(widths), 4), squeeze=False)
     for ax, w in zip(axes[0], widths):
         longest = max(r["steps"] for r in rows if r["width"] == w)
@@ -348,11 +339,7 @@ def plot(rows, runs, best, widths, step_counts, figdir, prefix):
             ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(figdir, f"{prefix}_curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    out.append(path)
+    out.append(save_figure(fig, os.path.join(figdir, f"{prefix}_curves.png")))
     return out
 
 
@@ -404,22 +391,11 @@ def main(argv=None):
         methods.insert(0, "Adam")
     grids = {m: (GRIDS[m][1:2] if args.quick else GRIDS[m]) for m in methods}
     runs, best, timing, t_start = [], {}, {}, time.time()
-    cache = {}
-    if args.cache and os.path.exists(args.cache):
-        with open(args.cache) as fh:
-            for line in fh:
-                res = json.loads(line)
-                res.setdefault("dense_lr", ADAM_GRID[1])  # records older than the field: the default then
-                cache[run_key(res["method"], res["lr"], res["width"], res["steps"], res["seed"], res["dense_lr"])] = res
+    cache = RunCache(args.cache)
 
     def train(m, lr, ex, dense_lr):  # a finished run is read back from --cache
         key = run_key(m, lr, ex.width, ex.steps, ex.seed, dense_lr)
-        if key not in cache:
-            cache[key] = dict(train_run(m, lr, ex, dense_lr), dense_lr=dense_lr)
-            if args.cache:
-                with open(args.cache, "a") as fh:
-                    fh.write(json.dumps(cache[key]) + "\n")
-        return cache[key]
+        return cache.run(key, lambda: dict(train_run(m, lr, ex, dense_lr), dense_lr=dense_lr))
 
     def record(res):
         runs.append(res)
@@ -433,17 +409,10 @@ def main(argv=None):
             dense_lr = best[w].get("Adam", ADAM_GRID[1])
             first = best[select_widths[0]].get(m) if i else None
             lrs = grids[m] if first is None else [float(f"{first * f:.4g}") for f in AROUND]
-            grid = [train(m, lr, ex, dense_lr) for lr in lrs]
-            for _ in range(args.max_extend):  # best at an edge: one more point beyond it, again
-                lrs = sorted(r["lr"] for r in grid)
-                pick = min(grid, key=lambda r: r["val"] if math.isfinite(r["val"]) else math.inf)["lr"]
-                if pick not in (lrs[0], lrs[-1]) or len(lrs) < 2:
-                    break
-                beyond = lrs[0] ** 2 / lrs[1] if pick == lrs[0] else lrs[-1] ** 2 / lrs[-2]
-                grid.append(train(m, float(f"{beyond:.4g}"), ex, dense_lr))
+            best[w][m], grid = select_lr(lambda lr: train(m, lr, ex, dense_lr), lrs,
+                                         lambda r: loss_of(r, "val"), args.max_extend)
             for res in grid:
                 record(res)
-            best[w][m] = min(grid, key=lambda r: r["val"] if math.isfinite(r["val"]) else math.inf)["lr"]
     for w in widths:
         best.setdefault(w, dict(best[select_widths[0]]))  # rates chosen at the first selection width
         ex = setup(w, args.select_steps, 0, args.quick)
@@ -471,18 +440,9 @@ def main(argv=None):
                   wall_s=time.time() - t_start)
     md = markdown(rows, best, runs, widths, config, info)
     print(md)
-    if args.quick:  # a crash test of the writing too, into a fresh temporary folder
-        import tempfile
-
-        args.out = args.figures = tempfile.mkdtemp(prefix="bench_lora_pre_quick_")
-        print(f"--quick: a crash test, not a result; files in {args.out}")
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.figures, exist_ok=True)
-    with open(os.path.join(args.out, "lora_pre.md"), "w") as fh:
-        fh.write(md)
-    with open(os.path.join(args.out, "lora_pre.json"), "w") as fh:
-        json.dump(dict(config=config, best=best, timing=timing, rows=rows, runs=runs), fh, indent=1)
-    print(plot(rows, runs, best, widths, step_counts, args.figures, "lora_pre"))
+    _, figures = write_results(os.path.join(args.out, "lora_pre"), args.figures, md,
+                               dict(config=config, best=best, timing=timing, rows=rows, runs=runs), args.quick)
+    print(plot(rows, runs, best, widths, step_counts, figures, "lora_pre"))
     return rows
 
 
