@@ -1,6 +1,5 @@
 """Properties of FixedRankManifold, each against the dense float64 formulas of
 ``dense_reference`` (which share no code with the package)."""
-import math
 
 import geoopt
 import numpy as np

@@ -5,7 +5,7 @@ import geoopt
 import pytest
 import torch
 
-from dense_reference import dense_point, dense_tangent, tangent_projector
+from dense_reference import dense_tangent, tangent_projector
 from lowrank_manifolds import FixedRankManifold
 from lowrank_manifolds.integrators import ABCPSI, BUG, KSL, AugmentedBUG, ParallelBUG, RetractionStep, truncation_rank
 
