@@ -58,6 +58,11 @@ def select_lr(train: Callable[[float], dict], grid: Sequence[float], loss: Calla
     return min(lrs, key=lambda lr: loss(runs[lr])), [runs[lr] for lr in lrs]
 
 
+#: What a failing step of a diverging run raises (a failed SVD or retraction, a refused
+#: non-finite gradient): a study records it as divergence.
+STEP_FAILURES = (RuntimeError, ValueError, FloatingPointError, torch.linalg.LinAlgError)
+
+
 def stepped(opt, loss) -> bool:
     """Backward and one step; False (a diverged run) if the loss is not finite or the step
     fails (a failing SVD or retraction, a refused non-finite gradient)."""
@@ -66,7 +71,7 @@ def stepped(opt, loss) -> bool:
     loss.backward()
     try:
         opt.step()
-    except (RuntimeError, ValueError, torch.linalg.LinAlgError):
+    except STEP_FAILURES:
         return False
     return True
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -178,29 +177,10 @@ def train_run(method, lr, ex, dense_lr):
     torch.manual_seed(ex.seed)
     model = ct.CharTransformer("dense", ex)
     opts = build(method, model, lr, ex, dense_lr)
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: ct.schedule(s, ex.steps, ex.warmup)) for o in opts]
-    gen = torch.Generator().manual_seed(ex.seed)
-    curve, spent = [(0, ct.evaluate(model, val_batches))], 0.0
-    for step in range(1, ex.steps + 1):
-        x, y = ct.batch(data, ex.context, ex.batch, gen)
-        t0 = time.perf_counter()
-        for o in opts:
-            o.zero_grad()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        for o in opts:
-            o.step()
-        for s in scheds:
-            s.step()
-        spent += time.perf_counter() - t0
-        if not math.isfinite(loss.item()):
-            curve.append((step, float("nan")))
-            break
-        if step % ex.eval_every == 0 or step == ex.steps:
-            curve.append((step, ct.evaluate(model, val_batches)))
+    curve, per_step = ct.fit(model, opts, data, val_batches, ex)
     blocks, _ = split_params(model)
     return dict(method=method, lr=lr, width=ex.width, steps=ex.steps, seed=ex.seed, val=curve[-1][1], curve=curve,
-                state=state_bytes(opts), block_state=state_bytes(opts, blocks), step_s=spent / step)
+                state=state_bytes(opts), block_state=state_bytes(opts, blocks), step_s=per_step)
 
 
 def interleaved_times(ex, methods, dense_lr, rounds, per_round):

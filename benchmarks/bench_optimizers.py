@@ -66,7 +66,7 @@ import geoopt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _study import RunCache, fmt_spread, loss_of, save_figure, select_lr, spread, stepped, write_results  # noqa: E402
+from _study import STEP_FAILURES, RunCache, fmt_spread, loss_of, save_figure, select_lr, spread, stepped, write_results  # noqa: E402
 from lowrank_manifolds import FixedRankManifold  # noqa: E402
 from lowrank_manifolds.optim import DLRT, GeometricAdam  # noqa: E402
 
@@ -215,24 +215,10 @@ def run_char(method, lr, seed, cfg):
     if method == "dense Adam":
         low, other = list(model.parameters()), []
     opt = optimizer(method, low, other, lr, DENSE_LR["char"], model=model, betas=ct.BETAS)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: ct.schedule(s, ex.steps, ex.warmup))
-    gen = torch.Generator().manual_seed(seed)
-    curve, spent = [(0, ct.evaluate(model, val_batches))], 0.0
-    for step in range(1, ex.steps + 1):
-        x, y = ct.batch(data, ex.context, ex.batch, gen)
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        bad = not stepped(opt, F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
-        sched.step()
-        spent += time.perf_counter() - t0
-        if bad:
-            curve.append((step, math.nan))
-            break
-        if step % ex.eval_every == 0 or step == ex.steps:
-            curve.append((step, ct.evaluate(model, val_batches)))
+    curve, per_step = ct.fit(model, [opt], data, val_batches, ex, failures=STEP_FAILURES)
     params, ranks = ct.mlp_weight_params(model)
     return dict(score=loss_of({"v": curve[-1][1]}, "v"), val=curve[-1][1], params=params, ranks=ranks,
-                curve=curve, step_ms=1e3 * spent / step)
+                curve=curve, step_ms=1e3 * per_step)
 
 
 RUN = {"matrix": run_matrix, "digits": run_digits, "char": run_char}

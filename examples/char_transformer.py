@@ -302,30 +302,46 @@ def evaluate(model, val_batches):
     return sum(losses) / len(losses)
 
 
-def train(method, lr, data, val_batches, args):
-    train_data = data
-    torch.manual_seed(args.seed)
-    kind = KIND.get(method, "dense")
-    model = CharTransformer(kind, args)
-    opt = make_optimizer(method, model, lr, args)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, args.steps, args.warmup))
+def fit(model, opts, data, val_batches, args, desc=None, failures=()):
+    """Train ``model`` for ``args.steps`` steps on the batches of seed ``args.seed``, stepping every
+    optimizer of ``opts`` (each on the warm-up + cosine :func:`schedule`), and evaluate every
+    ``args.eval_every`` steps. A non-finite loss, or a step that raises one of ``failures`` (for
+    a study: a failed SVD counts as divergence), ends the run with a NaN. Returns the curve
+    ``[(step, val loss)]`` and the seconds per training step."""
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: schedule(s, args.steps, args.warmup)) for o in opts]
     gen = torch.Generator().manual_seed(args.seed)
-    curve = [(0, evaluate(model, val_batches))]
-    t_train = 0.0
-    for step in progress(range(1, args.steps + 1), desc=f"{method} lr={lr:g}"):
-        x, y = batch(train_data, args.context, args.batch, gen)
+    curve, spent = [(0, evaluate(model, val_batches))], 0.0
+    steps = range(1, args.steps + 1)
+    for step in progress(steps, desc=desc) if desc else steps:
+        x, y = batch(data, args.context, args.batch, gen)
         t0 = time.perf_counter()
-        opt.zero_grad()
+        for o in opts:
+            o.zero_grad()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-        sched.step()
-        t_train += time.perf_counter() - t0
-        if not math.isfinite(loss.item()):
+        ok = math.isfinite(loss.item())
+        if ok:
+            loss.backward()
+            try:
+                for o in opts:
+                    o.step()
+            except failures:
+                ok = False
+        for sc in scheds:
+            sc.step()
+        spent += time.perf_counter() - t0
+        if not ok:
             curve.append((step, float("nan")))
             break
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, evaluate(model, val_batches)))
+    return curve, spent / step
+
+
+def train(method, lr, data, val_batches, args):
+    torch.manual_seed(args.seed)
+    model = CharTransformer(KIND.get(method, "dense"), args)
+    opt = make_optimizer(method, model, lr, args)
+    curve, per_step = fit(model, [opt], data, val_batches, args, desc=f"{method} lr={lr:g}")
     params, ranks = mlp_weight_params(model)
     return dict(
         method=method, lr=lr, val=curve[-1][1], curve=curve, params=params, ranks=ranks,
@@ -333,7 +349,7 @@ def train(method, lr, data, val_batches, args):
         state=state_bytes(opt), mlp_state=state_bytes(opt, mlp_weights(model)),
         block_state=state_bytes(opt, block_matrices(model)),
         lorapre_state=opt.state_bytes(include_step=False) if isinstance(opt, LoRAPreAdam) else None,
-        step_ms=1e3 * t_train / step,
+        step_ms=1e3 * per_step,
     )
 
 
