@@ -57,6 +57,30 @@ def is_lowrank_parameter(p) -> bool:
     return isinstance(getattr(p, "manifold", None), FixedRankManifold)
 
 
+def refuse_manifold_parameters(where: str, param_group: dict, lowrank: bool) -> None:
+    """Raise ``TypeError``, before anything is changed, if a parameter of ``param_group`` lies
+    on a manifold that ``where`` would step as a plain tensor (leaving the manifold): any
+    ``manifold`` attribute other than :class:`geoopt.Euclidean`, and, with ``lowrank``
+    (optimizers that handle low-rank weights), other than :class:`FixedRankManifold`."""
+    params = param_group["params"]
+    params = [params] if isinstance(params, Tensor) else list(params)
+    for i, p in enumerate(params):
+        manifold = getattr(p, "manifold", None)
+        if manifold is None or isinstance(manifold, geoopt.Euclidean):
+            continue
+        if lowrank and isinstance(manifold, FixedRankManifold):
+            continue
+        use = ("geoopt.optim.RiemannianAdam or RiemannianSGD" if not isinstance(manifold, FixedRankManifold)
+               else "lowrank_manifolds.optim.GeometricAdam, GeometricSGD or DLRT, or "
+                    "geoopt.optim.RiemannianAdam")
+        handles = "FixedRankManifold weights and plain parameters" if lowrank else "plain parameters only"
+        raise TypeError(
+            f"{where} handles {handles}; parameter {i} of this param group lies on {manifold} and "
+            f"would leave it: use {use} for it (a second optimizer over those parameters). "
+            "Nothing was changed."
+        )
+
+
 def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
     r"""``(U, S, V, mask, dS, GV, GtU)`` with ``mask`` the 0/1 active columns
     (:meth:`FixedRankManifold.active_mask`, computed once here) and ``GV``, ``GtU`` the
@@ -232,19 +256,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
             cls.step = torch.compiler.disable(cls.__dict__["step"])
 
     def add_param_group(self, param_group: dict) -> None:
+        refuse_manifold_parameters(type(self).__name__, param_group, lowrank=True)
         super().add_param_group(_rename_group_options(param_group, type(self).__name__))
         group = self.param_groups[-1]
         self._configure(group)
         self._check_group(group)
         for p in group["params"]:
             manifold = getattr(p, "manifold", None)
-            if isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)) and not isinstance(
-                manifold, (FixedRankManifold, geoopt.Euclidean)
-            ):
-                raise ValueError(
-                    f"{type(self).__name__} handles FixedRankManifold weights and Euclidean "
-                    f"parameters; got a parameter on {manifold}: use geoopt's optimizers for it"
-                )
             if isinstance(manifold, FixedRankManifold):
                 manifold._check_packed(p, "a low-rank weight")  # once here, not in every step
             if (

@@ -32,17 +32,9 @@ zero; unstable at low rank, meant for verification at full rank).
 
 The step
 --------
-With ``current_gradient=False`` (the reconstruction form) the step uses the
-factors after they absorbed :math:`g_t`: :math:`m_t = (BA)_t`,
-:math:`d_t = |u_t| / (1 - \beta_u^t)` (``"abs"``) or
-:math:`\sqrt{\max(v_t, 0) / (1 - \beta_2^t)}` (``"square"``), so the part of
-:math:`g_t` outside the factors' span never reaches the parameters. At full
-square rank ``"square"`` is AdamW and ``"abs"`` is AdamW with the RMS
-replaced by the bias-corrected EMA of ``|g|`` (equal to AdamW's first step).
-
-With ``current_gradient=True`` (the form of the published step, read with the
-history taken before step ``t``; ``docs/lora_pre.md``) only the history is low
-rank; the factors before this step's Newton updates give
+With ``current_gradient=True`` (the default: the paper's Algorithm 1, in which the
+history is read before step ``t``; ``docs/lora_pre.md``) only the history is low rank;
+the factors before this step's Newton updates give
 
 .. math::
 
@@ -54,11 +46,31 @@ rank; the factors before this step's Newton updates give
 :math:`\beta_2 u_{t-1}^{\circ 2}`), and the factors are then updated on
 :math:`g_t` as above. :math:`g_t` enters the step in full at every rank. At full
 square rank :math:`m_t` is Adam's EMA (to rounding), the first step is
-AdamW's, and with ``"square"`` every step is AdamW's (to rounding). Either
-way the update is decoupled-weight-decay Adam,
+AdamW's, and with ``"square"`` every step is AdamW's (to rounding).
 
-.. math:: \theta \leftarrow \theta (1 - \eta \lambda) - \frac{\eta}{1 - \beta_1^t}
-          \frac{m_t}{d_t + \epsilon}.
+With ``current_gradient=False`` (the reconstruction form) the step uses the
+factors after they absorbed :math:`g_t`: :math:`m_t = (BA)_t`,
+:math:`d_t = |u_t| / (1 - \beta_u^t)` (``"abs"``) or
+:math:`\sqrt{\max(v_t, 0) / (1 - \beta_2^t)}` (``"square"``), so the part of
+:math:`g_t` outside the factors' span never reaches the parameters. At full
+square rank ``"square"`` is AdamW and ``"abs"`` is AdamW with the RMS
+replaced by the bias-corrected EMA of ``|g|`` (equal to AdamW's first step).
+
+Either way the update is decoupled-weight-decay Adam, each entry bounded:
+
+.. math:: \theta \leftarrow \theta (1 - \eta \lambda) - \eta\,
+          \operatorname{clip}_{[-K_t, K_t]}\Big(\frac{m_t / (1 - \beta_1^t)}{d_t + \epsilon}\Big).
+
+With ``update_bound="adam"`` (default) :math:`K_t` is the largest per-entry ratio
+that exact Adam with the same betas can produce at step ``t``
+(:func:`adam_update_bound`: 1 at the first step, at most 1.17 for betas
+(0.9, 0.95) and 7.3 for (0.9, 0.999)), so no entry moves further than Adam could
+move it. A low-rank moment needs the bound: its reconstructed second moment can be
+near zero in an entry where the first moment is not (a low-rank approximation of a
+positive matrix is not positive), and without it single entries stepped up to
+:math:`10^4\,\eta` on a planted MLP (a loss spike whose size flipped on one ulp of
+the initial weights). Exact Adam never reaches the bound, so at full square rank
+with ``second_moment="square"`` (AdamW) it changes nothing. A number fixes :math:`K`; ``None`` disables the clip.
 
 Initialisation and numerics
 ---------------------------
@@ -78,13 +90,6 @@ Tikhonov refinement: spectral filter
 eigenvalues of ``G``. Solves run in float32 for half-precision parameters;
 only QR, triangular solves and products are used (no host synchronisation).
 
-At low rank the reconstructed ``|g|`` EMA can have entries near zero where
-``m`` is not, and the reconstruction form then takes steps up to
-:math:`|m| / \epsilon` in single entries (occasional loss spikes on the test
-problem). In the current-gradient form :math:`v_t \ge (1-\beta_2)
-g_t^{\circ 2}` bounds the share of :math:`g_t` in the step, not that of the
-history :math:`\beta_1 (BA)_{t-1}`.
-
 Variants
 --------
 ``factor_first_moment=False`` keeps Adam's dense first moment (``p q +
@@ -93,7 +98,8 @@ only the first-moment factors and steps along
 :math:`0.2\sqrt{\max(p, q)}\,\mathrm{NS}_k(m_t)`, Muon's quintic
 Newton--Schulz orthogonalisation (Jordan et al. 2024) of the reconstructed
 momentum, run on the ``p x r`` factor because ``A`` has orthonormal rows
-(:func:`newton_schulz`); not with ``current_gradient=True``.
+(:func:`newton_schulz`); a step of the reconstructed momentum, not of the
+current gradient, and without the update bound (its step is orthogonalised).
 
 Parameters with more than two dimensions are viewed as
 ``shape[0] x prod(shape[1:])`` matrices. Parameters with fewer than two
@@ -110,9 +116,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._base import refuse_manifold_parameters
 from ._faults import check_finite_grads, check_finite_state_dict
 
-__all__ = ["LoRAPreAdam", "matrix_shape", "factored_rank", "newton_schulz"]
+__all__ = ["LoRAPreAdam", "adam_update_bound", "matrix_shape", "factored_rank", "newton_schulz"]
 
 _SECOND_MOMENT_MODES = ("abs", "square")
 
@@ -274,6 +281,47 @@ def _top_right_singular_vectors(target: Tensor, r: int) -> Tensor:
     return vh[:r].to(target.dtype).contiguous()
 
 
+def adam_update_bound(beta1: float, beta2: float, step: Union[int, Tensor]) -> Union[float, Tensor]:
+    r"""Largest per-entry ``|update| / lr`` that exact Adam can take at step ``t``.
+
+    With zero-initialised moments, :math:`m_t = (1-\beta_1)\sum_j \beta_1^j g_{t-j}` and
+    :math:`v_t = (1-\beta_2)\sum_j \beta_2^j g_{t-j}^2`; Cauchy--Schwarz on
+    :math:`\beta_1^j g = (\beta_1^j \beta_2^{-j/2})(\beta_2^{j/2} g)` gives, with
+    :math:`\rho = \beta_1^2 / \beta_2` and bias corrections,
+
+    .. math::
+        \frac{|\hat m_t|}{\sqrt{\hat v_t}} \le
+        \frac{1 - \beta_1}{1 - \beta_1^t}
+        \sqrt{\frac{1 - \beta_2^t}{1 - \beta_2}}
+        \sqrt{\sum_{j<t} \rho^j},
+
+    attained by gradients :math:`g_{t-j} \propto (\beta_1/\beta_2)^j`. It is 1 at
+    :math:`t = 1` and tends to :math:`(1-\beta_1)/\sqrt{(1-\beta_2)(1-\rho)}` for
+    :math:`\rho < 1` (1.165 for betas (0.9, 0.95), 7.27 for (0.9, 0.999)); it is infinite
+    for :math:`\beta_2 = 0 < \beta_1`. ``step`` may be a 0-d tensor (no host read).
+    """
+    if beta2 == 0.0:
+        return 1.0 if beta1 == 0.0 else math.inf
+    rho = beta1 * beta1 / beta2
+    t = step
+    if abs(1.0 - rho) < 1e-12:
+        geometric = t
+    else:
+        try:
+            geometric = (1.0 - rho ** t) / (1.0 - rho)
+        except OverflowError:  # rho > 1 (beta1^2 > beta2) at a large Python-int step
+            return math.inf
+    bias1 = 1.0 - beta1 ** t
+    bias2 = 1.0 - beta2 ** t
+    return (1.0 - beta1) / bias1 * (bias2 / (1.0 - beta2) * geometric) ** 0.5
+
+
+def _update_bound(option: Union[str, float], beta1: float, beta2: float, step: Tensor):
+    if option == "adam":
+        return adam_update_bound(beta1, beta2, step)
+    return float(option)
+
+
 class LoRAPreAdam(Optimizer):
     r"""Adam(W) with rank-``r`` factored first and second moments (LoRA-Pre).
 
@@ -286,17 +334,23 @@ class LoRAPreAdam(Optimizer):
 
     .. math::
         \theta &\leftarrow \theta (1 - \eta \lambda), \\
-        \theta &\leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,
-                 \frac{m_t}{d_t + \epsilon},
+        \theta &\leftarrow \theta - \eta\, \operatorname{clip}_{[-K_t, K_t]}
+                 \Big(\frac{m_t / (1 - \beta_1^t)}{d_t + \epsilon}\Big),
 
-    with, by default (``current_gradient=False``), :math:`m_t = (m_B m_A)_t`
-    and :math:`d_t = |s_t| / (1 - \beta_u^t)`, :math:`\beta_u =
-    \sqrt{\beta_2}` for ``second_moment="abs"`` (``s`` tracks the EMA of
-    ``|g|``) or :math:`d_t = \sqrt{\max(s_t, 0) / (1 - \beta_2^t)}` for
-    ``second_moment="square"`` (``s`` tracks Adam's ``v``); with
-    ``current_gradient=True`` the published step of the module docstring,
-    :math:`m_t = \beta_1 (m_B m_A)_{t-1} + (1 - \beta_1) g_t` and
-    :math:`d_t = \sqrt{(\beta_2 s_{t-1}^2 + (1 - \beta_2) g_t^2) / (1 - \beta_2^t)}`.
+    by default (``current_gradient=True``, the paper's step) with
+    :math:`m_t = \beta_1 (m_B m_A)_{t-1} + (1 - \beta_1) g_t`,
+    :math:`d_t = \sqrt{(\beta_2 s_{t-1}^2 + (1 - \beta_2) g_t^2) / (1 - \beta_2^t)}`
+    and :math:`K_t` = :func:`adam_update_bound` (no entry steps further than exact Adam
+    could); with ``current_gradient=False`` :math:`m_t = (m_B m_A)_t` and
+    :math:`d_t = |s_t| / (1 - \beta_u^t)`, :math:`\beta_u = \sqrt{\beta_2}` for
+    ``second_moment="abs"`` (``s`` tracks the EMA of ``|g|``) or
+    :math:`d_t = \sqrt{\max(s_t, 0) / (1 - \beta_2^t)}` for ``second_moment="square"``
+    (``s`` tracks Adam's ``v``).
+
+    Only parameters that are plain tensors are accepted: one on a manifold (a
+    ``geoopt.ManifoldParameter``, e.g. a low-rank weight on
+    :class:`~lowrank_manifolds.FixedRankManifold`) raises ``TypeError`` before anything
+    is changed, since a dense step would take it off its manifold.
 
     Parameters
     ----------
@@ -341,14 +395,20 @@ class LoRAPreAdam(Optimizer):
         ``False``: Adam's dense first moment and a factored second moment,
         ``p q + (p + q) r`` numbers per matrix (see the module docstring); not
         with ``muon=True``.
-    current_gradient : bool, optional
-        ``False`` (default): step with the factors' reconstruction after they
-        absorbed ``g_t``. ``True``: the published form, in which ``g_t`` enters
-        in full and only the history is low rank,
+    current_gradient : bool or None, optional
+        ``True`` (the default unless ``muon=True``): the paper's step, in which
+        ``g_t`` enters in full and only the history is low rank,
         ``m_t = beta1 (B A)_{t-1} + (1 - beta1) g_t``,
         ``v_t = beta2 (B_v A_v)_{t-1}**2 + (1 - beta2) g_t**2``, bias-corrected
-        by ``1 - beta1**t`` and ``1 - beta2**t`` (module docstring); not with
-        ``muon=True``. The state is the same.
+        by ``1 - beta1**t`` and ``1 - beta2**t`` (module docstring). ``False``:
+        the reconstruction form, stepping with the factors after they absorbed
+        ``g_t`` (the Muon variant's only form). The state is the same.
+    update_bound : "adam", float or None, optional
+        Per-entry bound ``K_t`` on ``|update| / lr`` (weight decay aside):
+        ``"adam"`` (default) the largest value exact Adam with these betas can
+        take at step ``t`` (:func:`adam_update_bound`), a number ``> 0`` a fixed
+        bound, ``None`` none. Applies to the factored parameters outside the Muon
+        variant; the dense-state ones are exact Adam(W), which obeys it anyway.
 
     Notes
     -----
@@ -381,12 +441,16 @@ class LoRAPreAdam(Optimizer):
         muon: bool = False,
         ns_steps: int = 5,
         factor_first_moment: bool = True,
-        current_gradient: bool = False,
+        current_gradient: Optional[bool] = None,
+        update_bound: Union[str, float, None] = "adam",
     ) -> None:
+        if current_gradient is None:
+            current_gradient = not muon
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, second_moment=second_moment,
             solve_eps=solve_eps, always_factor=always_factor, muon=muon, ns_steps=ns_steps,
             factor_first_moment=factor_first_moment, current_gradient=current_gradient,
+            update_bound=update_bound,
         )
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -395,22 +459,22 @@ class LoRAPreAdam(Optimizer):
     @staticmethod
     def _check_hyperparameters(group: Dict[str, Any]) -> None:
         lr = group["lr"]
-        if isinstance(lr, Tensor) or not isinstance(lr, (int, float)) or not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: lr={lr!r} (need a number >= 0)")
+        if isinstance(lr, (Tensor, bool)) or not isinstance(lr, (int, float)) or not 0.0 <= lr < math.inf:
+            raise ValueError(f"Invalid learning rate: lr={lr!r} (need a finite number >= 0)")
         betas = group["betas"]
         try:
             beta1, beta2 = betas
         except (TypeError, ValueError):
             raise ValueError(f"Invalid betas: {betas!r} (need a pair)") from None
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid {name}: {beta!r} (need 0 <= {name} < 1)")
         eps = group["eps"]
-        if not isinstance(eps, (int, float)) or not eps >= 0.0:
-            raise ValueError(f"Invalid eps: {eps!r} (need eps >= 0)")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+            raise ValueError(f"Invalid eps: {eps!r} (need a finite eps >= 0)")
         wd = group["weight_decay"]
-        if not isinstance(wd, (int, float)) or not wd >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {wd!r} (need weight_decay >= 0)")
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0.0 <= wd < math.inf:
+            raise ValueError(f"Invalid weight_decay: {wd!r} (need a finite weight_decay >= 0)")
         rank = group["rank"]
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"Invalid rank: {rank!r} (need an integer >= 1)")
@@ -436,11 +500,18 @@ class LoRAPreAdam(Optimizer):
             raise ValueError(f"Invalid factor_first_moment: {first!r} (need a bool)")
         if not first and group.get("muon", False):
             raise ValueError("muon=True needs the factored first moment (factor_first_moment=True)")
-        cur = group.get("current_gradient", False)
+        cur = group["current_gradient"]
         if not isinstance(cur, bool):
             raise ValueError(f"Invalid current_gradient: {cur!r} (need a bool)")
-        if cur and group.get("muon", False):
-            raise ValueError("current_gradient=True is not defined for muon=True")
+        if cur and group["muon"]:
+            raise ValueError(
+                "current_gradient=True is not defined for muon=True (pass current_gradient=False)"
+            )
+        bound = group["update_bound"]
+        if not (bound is None or bound == "adam" or (
+            isinstance(bound, (int, float)) and not isinstance(bound, bool) and 0.0 < bound <= math.inf
+        )):
+            raise ValueError(f"Invalid update_bound: {bound!r} (need 'adam', a number > 0 or None)")
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
@@ -450,8 +521,11 @@ class LoRAPreAdam(Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group, validating its (possibly overridden) settings."""
+        refuse_manifold_parameters(type(self).__name__, param_group, lowrank=False)
+        if param_group.get("current_gradient") is None and "muon" in param_group:
+            param_group = dict(param_group, current_gradient=not param_group["muon"])
+        self._check_hyperparameters({**self.defaults, **param_group})  # before anything is added
         super().add_param_group(param_group)
-        self._check_hyperparameters(self.param_groups[-1])
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -548,7 +622,12 @@ class LoRAPreAdam(Optimizer):
                     bias2 = 1.0 - beta2 ** step_t
                     denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)
                     num = exp_avg
-                p.addcdiv_(num * (lr / bias1).to(p.dtype), denom, value=-1.0)
+                if "v_B" in state and group["update_bound"] is not None:
+                    ratio = (num / denom).mul_((1.0 / bias1).to(num.dtype))
+                    bound = _update_bound(group["update_bound"], beta1, beta2, step_t)
+                    p.add_(ratio.clamp_(-bound, bound), alpha=-lr)
+                else:
+                    p.addcdiv_(num * (lr / bias1).to(p.dtype), denom, value=-1.0)
         return loss
 
     def _factored_direction(self, grad: Tensor, state: Dict[str, Any],
@@ -563,7 +642,7 @@ class LoRAPreAdam(Optimizer):
         """
         beta1, beta2 = group["betas"]
         mode, solve_eps = group["second_moment"], group["solve_eps"]
-        current = group.get("current_gradient", False)
+        current = group["current_gradient"]
         v_B, v_A = state["v_B"], state["v_A"]
         g = grad.reshape(v_B.shape[0], -1)
         if current:  # the history, read before the factors absorb g_t
