@@ -86,6 +86,26 @@ def qr(a: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.linalg.qr(a)
 
 
+def leading(count: Tensor, k: int) -> Tensor:
+    """Boolean ``(..., k)``: the first ``count`` (an integer tensor ``(...)``) of ``k``
+    positions; a rank as a column mask, without a host read."""
+    return torch.arange(k, device=count.device) < count.unsqueeze(-1)
+
+
+def qr_kept_first(a: Tensor, keep: Tensor) -> Tensor:
+    """``Q`` of the QR of the columns of ``a`` (``m x k``) reordered: those where ``keep``
+    (boolean ``(..., k)``) is true first, in their order, then the others.
+
+    The leading ``count(keep)`` columns of ``Q`` are those of the QR of the kept columns
+    alone (to rounding) and the rest complete them to an orthonormal set. A QR of ``a``
+    as it stands would not do: a zero column *before* kept ones (the inactive columns of a
+    padded basis in ``[K, U]``) yields an arbitrary direction that later kept columns have
+    components along, so the leading columns would not span them. The order is computed on
+    the device (a stable sort of the mask): no host read."""
+    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)
+    return qr(torch.gather(a, -1, order.unsqueeze(-2).expand(a.shape)))[0]
+
+
 def qr_positive(a: Tensor) -> Tuple[Tensor, Tensor]:
     """Reduced QR with a non-negative diagonal of ``R``.
 

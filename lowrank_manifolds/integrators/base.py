@@ -139,14 +139,37 @@ class RankAdaptiveIntegrator(Integrator):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(truncation={self.truncation!r})"
 
-    def augmented_step(self, U: Tensor, S: Tensor, V: Tensor, field, h: float, t: float = 0.0) -> Factors:
-        """The step before truncation: orthonormal ``U1 (m, k_u)``, ``V1 (n, k_v)``, core ``S1``."""
-        return self._augmented_step(*self._prepare(U, S, V, field, h, t))
+    def augmented_step(self, U: Tensor, S: Tensor, V: Tensor, field, h: float, t: float = 0.0, *,
+                       active: Optional[Tensor] = None) -> Factors:
+        """The step before truncation: orthonormal ``U1 (m, k_u)``, ``V1 (n, k_v)``, core ``S1``.
+
+        ``active`` (optional, boolean ``(..., r)``, ``S`` square): the active columns of a
+        padded point, the leading ones of ``U`` and ``V``, the others exactly zero (ranks as
+        masks: a batch of points of different active ranks in one call). Each point's result
+        is then the step of its active factors alone: its augmented directions come first in
+        ``U1``, ``V1`` (from :func:`~lowrank_manifolds._linalg.qr_kept_first`), and ``S1`` is
+        exactly zero on the completing directions that follow."""
+        U, S, V, field, h, t = self._prepare(U, S, V, field, h, t)
+        if active is not None:
+            active = _check_active(active, S)
+        return self._augmented_step(U, S, V, field, h, t, active)
 
     @abstractmethod
-    def _augmented_step(self, U, S, V, field: Field, h: float, t: float) -> Factors:
-        """The augmented step on validated inputs."""
+    def _augmented_step(self, U, S, V, field: Field, h: float, t: float,
+                        active: Optional[Tensor] = None) -> Factors:
+        """The augmented step on validated inputs (``active``: see :meth:`augmented_step`)."""
 
     def _step(self, U, S, V, field, h, t):
         out = self._augmented_step(U, S, V, field, h, t)
         return out if self.truncation is None else self.truncation(*out)
+
+
+def _check_active(active: Tensor, S: Tensor) -> Tensor:
+    """``active`` validated against the core ``S`` and broadcast to its batch shape."""
+    r = S.shape[-1]
+    if not isinstance(active, Tensor) or active.dtype != torch.bool:
+        raise TypeError(f"active must be a boolean tensor, got {getattr(active, 'dtype', type(active).__name__)}")
+    if S.shape[-2] != r or active.shape[-1:] != (r,):
+        raise ValueError(f"active must have shape (..., r) for a square r x r core, got {tuple(active.shape)} "
+                         f"for S {tuple(S.shape)}")
+    return active.to(S.device).expand(*S.shape[:-2], r)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._linalg import cat_last, mT, qr
+from .._linalg import cat_last, leading, mT, qr, qr_kept_first
 from .base import Integrator, RankAdaptiveIntegrator
 from .fields import ambient_left, ambient_right
 
@@ -96,13 +96,16 @@ class AugmentedBUG(RankAdaptiveIntegrator):
     name = "augmented BUG"
     needs_reevaluation = True
 
-    def _augmented_step(self, U, S, V, field, h, t):
+    def _augmented_step(self, U, S, V, field, h, t, active=None):
         z = self._evaluate(field, U, S, V, t)
-        Uh, _ = qr(cat_last(U @ S + h * ambient_right(z, V), U))
-        Vh, _ = qr(cat_last(V @ mT(S) + h * ambient_left(z, U), V))
+        Uh = _orth(cat_last(U @ S + h * ambient_right(z, V), U), active)
+        Vh = _orth(cat_last(V @ mT(S) + h * ambient_left(z, U), V), active)
         S0 = (mT(Uh) @ U) @ S @ (mT(V) @ Vh)
         z = self._evaluate(field, Uh, S0, Vh, t)
-        return Uh, S0 + h * (mT(Uh) @ ambient_right(z, Vh)), Vh
+        S1 = S0 + h * (mT(Uh) @ ambient_right(z, Vh))
+        if active is not None:  # nothing on the completing directions
+            S1 = S1 * _augmented(active, Uh).unsqueeze(-1) * _augmented(active, Vh).unsqueeze(-2)
+        return Uh, S1, Vh
 
 
 class ParallelBUG(RankAdaptiveIntegrator):
@@ -136,12 +139,14 @@ class ParallelBUG(RankAdaptiveIntegrator):
     name = "parallel BUG"
     needs_reevaluation = False
 
-    def _augmented_step(self, U, S, V, field, h, t):
+    def _augmented_step(self, U, S, V, field, h, t, active=None):
         z = self._evaluate(field, U, S, V, t)
         zv, ztu = ambient_right(z, V), ambient_left(z, U)
         K = U @ S + h * zv
         L = V @ mT(S) + h * ztu
         S_bar = S + h * (mT(U) @ zv)
+        if active is not None:
+            return self._masked_step(U, S_bar, V, K, L, active)
         ru, rv = U.shape[-1], V.shape[-1]
         Qu, Ru = qr(cat_last(U, K))
         Qv, Rv = qr(cat_last(V, L))
@@ -153,6 +158,23 @@ class ParallelBUG(RankAdaptiveIntegrator):
         # the QR's rounding whatever U0's own drift (U0 is not carried over).
         S_hat = torch.cat([top, bottom], dim=-2)
         return Qu, _block_congruence(Ru[..., :ru, :ru], S_hat, Rv[..., :rv, :rv]), Qv
+
+    @staticmethod
+    def _masked_step(U, S_bar, V, K, L, active):
+        r"""The step of padded points (``active``): with :math:`[U, K]` reordered so that each
+        point's ``r`` old and ``r`` new columns lead, :math:`Q_u`'s columns ``r .. 2r`` are
+        :math:`\tilde U` (``D_u`` their 0/1 selector), and in the bases :math:`Q_u, Q_v`,
+        :math:`\hat S = M \bar S N + M (L^\top Q_v) D_v + D_u (Q_u^\top K) N`
+        (:math:`M = Q_u^\top U`, :math:`N = V^\top Q_v`): the three blocks of the class
+        docstring, nothing on the completing directions."""
+        keep = cat_last(active, active)
+        Qu, Qv = qr_kept_first(cat_last(U, K), keep), qr_kept_first(cat_last(V, L), keep)
+        r = active.sum(-1)
+        new_u = (leading(2 * r, Qu.shape[-1]) & ~leading(r, Qu.shape[-1])).to(U.dtype)
+        new_v = (leading(2 * r, Qv.shape[-1]) & ~leading(r, Qv.shape[-1])).to(U.dtype)
+        mu, nv = mT(Qu) @ U, mT(V) @ Qv
+        S_hat = mu @ S_bar @ nv + (mu @ (mT(L) @ Qv)) * new_v.unsqueeze(-2) + new_u.unsqueeze(-1) * ((mT(Qu) @ K) @ nv)
+        return Qu, S_hat * _augmented(active, Qu).unsqueeze(-1) * _augmented(active, Qv).unsqueeze(-2), Qv
 
 
 def _block_congruence(a: Tensor, s: Tensor, b: Tensor) -> Tensor:
@@ -189,9 +211,26 @@ class ABCPSI(RankAdaptiveIntegrator):
     name = "abc-PSI"
     needs_reevaluation = False
 
-    def _augmented_step(self, U, S, V, field, h, t):
+    def _augmented_step(self, U, S, V, field, h, t, active=None):
         z = self._evaluate(field, U, S, V, t)
-        Uh, _ = qr(cat_last(U @ S + h * ambient_right(z, V), U))
+        Uh = _orth(cat_last(U @ S + h * ambient_right(z, V), U), active)
         S_tilde = (mT(Uh) @ U) @ S
-        Vh, R = qr(V @ mT(S_tilde) + h * ambient_left(z, Uh))
+        L1 = V @ mT(S_tilde) + h * ambient_left(z, Uh)
+        if active is not None:  # the completing columns of U^ carry nothing
+            L1 = L1 * _augmented(active, Uh).unsqueeze(-2)
+        Vh, R = qr(L1)
         return Uh, mT(R), Vh
+
+
+def _orth(a: Tensor, active) -> Tensor:
+    """An orthonormal basis of ``[K, U]`` (``r`` columns each): the QR's ``Q``; for padded
+    points (``active``) the active columns of both blocks first (:func:`qr_kept_first`)."""
+    if active is None:
+        return qr(a)[0]
+    return qr_kept_first(a, cat_last(active, active))
+
+
+def _augmented(active: Tensor, basis: Tensor) -> Tensor:
+    """0/1 ``(..., k)``: the leading ``2 r`` columns of an augmented basis of ``k`` columns
+    (``r`` each point's active rank), the directions its step may use."""
+    return leading(2 * active.sum(-1), basis.shape[-1]).to(basis.dtype)

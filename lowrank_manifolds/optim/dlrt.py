@@ -34,7 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._linalg import cat_last, mT, pinv_core
+from .._linalg import cat_last, leading, mT, pinv_core
 from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
     LowRankOptimizer,
@@ -228,11 +228,13 @@ class DLRT(LowRankOptimizer):
     coincide with the metric retraction of :math:`-hP_X G` (they lose their extra
     descent). A warning says so once.
 
-    Padding. The integrators know nothing of capacities; for abc-PSI and augmented BUG the
-    factors are sliced to the largest active rank before the integrator is called (active
-    columns are the leading ones after every truncation here). Reading that rank is **one
-    host synchronisation per low-rank weight and step** (free on CPU); the tangent
-    augmentation works on the padded factors and needs none.
+    Padding. Ranks are masks: abc-PSI and augmented BUG get the padded factors and the
+    active columns (``augmented_step(..., active=mask)``), so each point of a weight, and
+    each point of a batch of points of different active ranks, steps its active factors
+    alone (its ``2r`` augmented directions lead the bases; the completing directions carry
+    exactly nothing, and the core optimizer's support excludes them). No rank is read on the
+    host for this; the recorded field's construction (``model=``) still reads the weight's
+    active rank once per step (free on CPU), as does the consistency check it needs.
 
     Parameters
     ----------
@@ -591,24 +593,30 @@ class DLRT(LowRankOptimizer):
         field = self._fields.get(id(p))  # recorded: built and checked before any step
         if field is None:  # the tangent field from p.grad
             parts = riemannian_parts(p, grad, manifold)
-            (u, s, v, mask), r = parts[:4], self._active_of(p, parts[3])[1]
+            u, s, v, mask = parts[:4]
             self._warn_unrecorded()
-            field = self._tangent_field(parts, r, wd)
+            field = self._tangent_field(parts, manifold.capacity, wd)
         else:
             u, s, v = manifold.unpack(p, check=False)
-            mask, r = self._active_of(p)
-        u, s, v = u[..., :r], s[..., :r, :r], v[..., :r]
-        uh, sh, vh = _INSTANCES[group["integrator"]].augmented_step(u, s, v, field, group["lr"])
+            mask = self._active_of(p)[0]
+        # ranks as masks: each point steps its active factors alone (no host read of a rank)
+        active = mask > 0 if manifold.adaptive else None
+        uh, sh, vh = _INSTANCES[group["integrator"]].augmented_step(u, s, v, field, group["lr"], active=active)
         if group["core"] == "flow":
             return uh, sh, vh, {}, mask
         a, b = field.evaluate(u, s, v, 0.0)  # F = A B^T (recorded or tangent field)
         mu, nv = mT(uh) @ u, mT(v) @ vh  # M = U^^T U, N = V^T V^
         s0 = mu @ s @ nv  # U^ S^_0 V^^T = U S V^T exactly: U, V lie in the augmented spans
         g = -(mT(uh) @ a) @ (mT(b) @ vh)  # G^ = -U^^T F V^, every block (L2 term included)
+        support = None
+        if active is not None:  # the directions each point's step may use (2r of each basis)
+            r2 = 2 * active.sum(-1)
+            support = leading(r2, uh.shape[-1]).unsqueeze(-1) & leading(r2, vh.shape[-1]).unsqueeze(-2)
+            s0, g = torch.where(support, s0, 0.0), torch.where(support, g, 0.0)
         squared = group["m2_transport"] == "squared"
 
-        def embedding(x, key):  # a state of the old bases (sliced to the active width) in U^, V^
-            return carry(x[..., :r, :r], mu, nv, key, squared)
+        def embedding(x, key):  # a state of the old bases in U^, V^
+            return carry(x, mu, nv, key, squared)
 
-        sh, states = core_update(s0, g, group, state, embedding)
+        sh, states = core_update(s0, g, group, state, embedding, support)
         return uh, sh, vh, states, mask

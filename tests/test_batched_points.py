@@ -1,0 +1,113 @@
+"""A weight holding a batch of points steps each point as if it were its own weight.
+
+The points of one batch may have different active ranks (a rank is data, a column mask);
+every configuration of the optimizer family must then take, for each point, the step it
+takes on that point alone. The reference is the same optimizer on single-point weights.
+"""
+from __future__ import annotations
+
+import geoopt
+import pytest
+import torch
+
+from lowrank_manifolds import FixedRankManifold
+from lowrank_manifolds.optim import DLRT, GeometricAdam, GeometricSGD
+
+F64 = torch.float64
+M, N, CAP = 10, 8, 4
+RANKS = (1, 2, 4)
+
+
+def _configs():
+    """Every distinct configuration that steps a low-rank weight from p.grad alone."""
+    out = {
+        "GeometricSGD": lambda ps, tol: GeometricSGD(ps, lr=0.3, momentum=0.9, tol=tol),
+        "GeometricAdam": lambda ps, tol: GeometricAdam(ps, lr=0.05, tol=tol),
+        "GeometricAdam-scalar": lambda ps, tol: GeometricAdam(ps, lr=0.05, tol=tol, perp_second_moment="scalar"),
+    }
+    for integrator in ("parallel-bug", "augmented-bug", "abc-psi"):
+        cores = ("flow",) if integrator == "abc-psi" else ("flow", "momentum", "adam")
+        for core in cores:
+            for k in ((1,) if core == "flow" else (1, 3)):
+                def make(ps, tol, integrator=integrator, core=core, k=k):
+                    return DLRT(ps, lr=0.05 if core == "adam" else 0.3, integrator=integrator, core=core,
+                                augment_every=k, tol=tol, momentum=0.9 if core == "momentum" else 0.0)
+                out[f"DLRT-{integrator}-{core}-k{k}"] = make
+    return out
+
+
+CONFIGS = _configs()
+
+
+def _points(seed):
+    """Three points of capacity 4 with active ranks 1, 2, 4 and distinct singular values."""
+    gen = torch.Generator().manual_seed(seed)
+    manifold = FixedRankManifold(M, N, rank=1, max_rank=CAP, tol=0.05)
+    packed = []
+    for r in RANKS:
+        u = torch.linalg.qr(torch.randn(M, r, generator=gen, dtype=F64))[0]
+        v = torch.linalg.qr(torch.randn(N, r, generator=gen, dtype=F64))[0]
+        s = torch.diag(torch.tensor([2.0, 1.3, 0.8, 0.5], dtype=F64)[:r])
+        packed.append(manifold.pad(u, s, v))
+    targets = torch.randn(len(RANKS), M, N, generator=gen, dtype=F64)
+    return manifold, torch.stack(packed), targets
+
+
+def _loss(manifold, x, target):
+    u, s, v = manifold.unpack(x)
+    return 0.5 * ((u @ s @ v.mT - target) ** 2).sum()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_batch_of_mixed_ranks_steps_each_point_as_its_own_weight(name):
+    manifold, x0, targets = _points(0)
+    batched = geoopt.ManifoldParameter(x0.clone(), manifold=manifold)
+    alone = [geoopt.ManifoldParameter(x0[i].clone(), manifold=manifold) for i in range(len(RANKS))]
+    opt_b = CONFIGS[name]([batched], None)
+    opt_a = CONFIGS[name](alone, None)
+    for _ in range(4):
+        for opt, params in ((opt_b, [batched]), (opt_a, alone)):
+            opt.zero_grad()
+            if params is alone:
+                sum(_loss(manifold, p, t) for p, t in zip(alone, targets)).backward()
+            else:
+                _loss(manifold, batched, targets).backward()
+            opt.step()
+        for i, p in enumerate(alone):
+            ub, sb, vb = manifold.unpack(batched.detach()[i])
+            ua, sa, va = manifold.unpack(p.detach())
+            assert torch.equal(manifold.active_mask(ub), manifold.active_mask(ua)), (name, i)
+            err = (ub @ sb @ vb.mT - ua @ sa @ va.mT).abs().max()
+            assert err < 1e-12, (name, i, float(err))
+
+
+@pytest.mark.parametrize("name", ["augmented-bug", "parallel-bug", "abc-psi"])
+def test_integrators_step_padded_points_as_their_active_factors(name):
+    """``augmented_step(..., active=mask)`` on a batch of padded points (ranks 1, 2, 4 in
+    capacity 4) with a general constant field (not tangent: it has components on every
+    direction) equals, point by point, the step of the active factors alone, and its core
+    is exactly zero beyond each point's 2r augmented directions."""
+    from lowrank_manifolds.integrators import INTEGRATORS, MatrixField
+
+    manifold, x0, _ = _points(1)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(len(RANKS), M, 3, generator=gen, dtype=F64)
+    b = torch.randn(len(RANKS), N, 3, generator=gen, dtype=F64)
+    integrator = INTEGRATORS[name]()
+    u, s, v = manifold.unpack(x0)
+    active = manifold.active_mask(u) > 0
+    U1, S1, V1 = integrator.augmented_step(u, s, v, MatrixField((a, b)), 0.3, active=active)
+    for i, r in enumerate(RANKS):
+        u_i, s_i, v_i = integrator.augmented_step(u[i, :, :r], s[i, :r, :r], v[i, :, :r],
+                                                  MatrixField((a[i], b[i])), 0.3)
+        y_alone = u_i @ s_i @ v_i.mT
+        y_batched = U1[i] @ S1[i] @ V1[i].mT
+        assert (y_batched - y_alone).abs().max() < 1e-12, (i, r)
+        assert torch.count_nonzero(S1[i, 2 * r:]) == 0 and torch.count_nonzero(S1[i, :, 2 * r:]) == 0
+        sv_b = torch.linalg.svdvals(S1[i])[: min(2 * r, CAP * 2)]
+        sv_a = torch.linalg.svdvals(s_i)
+        assert torch.allclose(sv_b[: sv_a.numel()], sv_a, atol=1e-12)
+    with pytest.raises(TypeError, match="boolean"):
+        integrator.augmented_step(u, s, v, MatrixField((a, b)), 0.3, active=active.to(F64))
+    with pytest.raises(ValueError, match="shape"):
+        integrator.augmented_step(u, s, v, MatrixField((a, b)), 0.3, active=active[..., :2])
