@@ -29,18 +29,16 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 from transformers import TrainerCallback
 
-from .nn.adapter import LowRankAdapterLinear
-from .nn.layers import LowRankConv2d, LowRankLinear
+from .nn._common import is_lowrank_layer
 
 __all__ = ["active_ranks", "rank_summary", "ActiveRankCallback"]
 
-_OURS = (LowRankLinear, LowRankConv2d, LowRankAdapterLinear)
 
 
 def active_ranks(model: nn.Module) -> Dict[str, int]:
     """``{qualified name: active rank}`` of the low-rank layers and adapters of ``model``
     (one host sync per rank-adaptive layer on an accelerator)."""
-    return {name: mod.active_rank for name, mod in model.named_modules() if isinstance(mod, _OURS)}
+    return {name: mod.active_rank for name, mod in model.named_modules() if is_lowrank_layer(mod)}
 
 
 def rank_summary(model: nn.Module, prefix: str = "lowrank/") -> Dict[str, float]:
@@ -49,7 +47,7 @@ def rank_summary(model: nn.Module, prefix: str = "lowrank/") -> Dict[str, float]
     capacity; these are the numbers an export with :meth:`to_factored` keeps, plus ``S``)."""
     ranks: List[Tuple[int, int, int]] = []
     for _, mod in model.named_modules():
-        if isinstance(mod, _OURS):
+        if is_lowrank_layer(mod):
             mf = mod.manifold
             ranks.append((mod.active_rank, mf.m, mf.n))
     if not ranks:

@@ -48,6 +48,7 @@ to the products above, so the forward pass needs no masking (it costs that of ra
 every retraction, and the optimizers of :mod:`lowrank_manifolds.optim` at every step. ``active_rank``
 reads the current rank; exports (``to_factored``) trim to it.
 """
+from ._common import is_lowrank_layer
 from .adapter import LowRankAdapterLinear
 from .convert import add_adapters, convert_to_low_rank, export_dense
 from .layers import LowRankConv2d, LowRankLinear
@@ -59,6 +60,7 @@ __all__ = [
     "LowRankLinear",
     "LowRankConv2d",
     "LowRankAdapterLinear",
+    "is_lowrank_layer",
     "convert_to_low_rank",
     "add_adapters",
     "export_dense",

@@ -170,6 +170,14 @@ def trim(mf: FixedRankManifold, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return u[..., :r], s[..., :r, :r], v[..., :r]
 
 
+def is_lowrank_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the library's low-rank layers (:class:`LowRankLinear`,
+    :class:`LowRankConv2d`, :class:`LowRankAdapterLinear`: the modules whose point, a
+    ``geoopt.ManifoldParameter`` on a :class:`~lowrank_manifolds.FixedRankManifold`, is
+    :attr:`ManifoldModule.point`)."""
+    return isinstance(module, ManifoldModule)
+
+
 class ManifoldModule(nn.Module):
     """Keeps ``ManifoldParameter`` s through ``Module._apply``.
 
@@ -204,6 +212,12 @@ class ManifoldModule(nn.Module):
         self.__dict__["_own_manifold"] = manifold
 
     @property
+    def point(self) -> Tensor:
+        """The layer's packed low-rank point ``[U; S; V]`` (``weight``, or ``delta`` of
+        :class:`LowRankAdapterLinear`)."""
+        return getattr(self, self.__dict__["_point_name"])
+
+    @property
     def rank(self) -> int:
         """The nominal rank: the fixed rank, or, with a capacity, the rank the point was built
         with (:attr:`active_rank` is the current one)."""
@@ -220,7 +234,7 @@ class ManifoldModule(nn.Module):
         """The current rank of the point (its number of active columns). A Python int, hence
         one host synchronisation on an accelerator; ``layer.manifold.active_rank(point)``
         gives a device tensor without one."""
-        return active_rank_int(self.manifold, getattr(self, self.__dict__["_point_name"]))
+        return active_rank_int(self.manifold, self.point)
 
     @property
     def manifold(self) -> FixedRankManifold:
@@ -235,7 +249,7 @@ class ManifoldModule(nn.Module):
         ``TypeError`` that names the cause (an ``AttributeError`` here would be masked by
         ``nn.Module.__getattr__``)."""
         name = self.__dict__["_point_name"]
-        point = getattr(self, name)
+        point = self.point
         found = getattr(point, "manifold", None)
         if isinstance(found, FixedRankManifold):
             return found

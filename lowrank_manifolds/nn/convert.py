@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._args import deprecated, nonneg, positive_int
-from ._common import select_rank
+from ._common import is_lowrank_layer, select_rank
 from .adapter import LowRankAdapterLinear
 from .layers import LowRankConv2d, LowRankLinear
 from .registry import linear_kind, origin_type, registered_linear_types, restore_layer, set_origin_type, type_name
@@ -22,7 +22,6 @@ __all__ = ["convert_to_low_rank", "add_adapters", "export_dense"]
 Patterns = Union[None, str, Iterable[str]]
 
 
-_OURS = (LowRankLinear, LowRankConv2d, LowRankAdapterLinear)
 
 
 def _as_patterns(patterns: Patterns, name: str) -> Optional[Tuple[str, ...]]:
@@ -110,13 +109,13 @@ def _replace(module: nn.Module, fn, descend_into_ours: bool = False) -> nn.Modul
             new = fn(qual, child)
             if new is not None:
                 setattr(parent, name, new)
-            elif descend_into_ours or not isinstance(child, _OURS):
+            elif descend_into_ours or not is_lowrank_layer(child):
                 visit(child, qual)
 
     root = fn("", module)
     if root is not None:
         return root
-    if not isinstance(module, _OURS):
+    if not is_lowrank_layer(module):
         visit(module, "")
     return module
 

@@ -35,7 +35,7 @@ import geoopt
 import torch
 from torch import Tensor, nn
 
-from ._common import active_rank_int
+from ._common import active_rank_int, is_lowrank_layer
 from .adapter import LowRankAdapterLinear
 from .layers import LowRankConv2d, LowRankLinear
 from .registry import linear_kind, origin_type, set_origin_type, type_name
@@ -53,7 +53,6 @@ FORMAT = "lowrank_manifolds.lowrank/1"
 _META_KEY = "lowrank_manifolds"
 _INIT = "delta_init"
 _UNTOUCHED = "_lowrank_base_untouched"
-_OURS = (LowRankLinear, LowRankConv2d, LowRankAdapterLinear)
 
 
 # ------------------------------------------------------------------ the adapters' initial offset
@@ -157,7 +156,7 @@ def _our_layers(model: nn.Module):
     """``(name, layer)`` of this library's layers, outermost only."""
     found = []
     for name, mod in model.named_modules():
-        if isinstance(mod, _OURS) and not any(name.startswith(p + ".") for p, _ in found):
+        if is_lowrank_layer(mod) and not any(name.startswith(p + ".") for p, _ in found):
             found.append((name, mod))
     return found
 

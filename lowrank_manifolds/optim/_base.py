@@ -343,6 +343,3 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _euclidean_step(self, p, grad, group, state):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    @staticmethod
-    def _write(p: Tensor, u1: Tensor, s1: Tensor, v1: Tensor) -> None:
-        p.copy_(p.manifold.pad(u1, s1, v1))

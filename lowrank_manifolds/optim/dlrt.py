@@ -518,23 +518,6 @@ class DLRT(LowRankOptimizer):
         self._active[id(p)] = (mask, r)
         return mask, r
 
-    def field_for(self, p: Tensor, grad: Tensor, weight_decay: float = 0.0, rank: Optional[int] = None):
-        r"""The field :math:`F = -(G + \lambda W)` of a low-rank weight at its current
-        point, for the factors sliced to their first ``rank`` columns (default: all), as
-        the integrators take it: the reconciled recorded field (a :class:`MatrixField`,
-        class docstring) or the tangent field :math:`-P_X(G + \lambda W)` from ``p.grad``
-        (a :class:`TangentField`)."""
-        r = p.manifold.capacity if rank is None else rank
-        field = self._fields.get(id(p))
-        if field is None and self._recorder is not None:
-            pair = self._recorder.pair(p)
-            if pair is not None:
-                field = self._reconciled_field(p, grad, pair, weight_decay)[0]
-        if field is not None:
-            return field
-        self._warn_unrecorded()
-        return self._tangent_field(riemannian_parts(p, grad, p.manifold), r, weight_decay)
-
     def _warn_unrecorded(self) -> None:
         if not self._warned:
             warnings.warn(

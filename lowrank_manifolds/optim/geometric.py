@@ -49,13 +49,9 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from . import _core
 from .dlrt import DLRT
 
 __all__ = ["GeometricSGD", "GeometricAdam"]
-
-#: The tangent augmentation (module docstring, steps 1-2), under its earlier name here.
-_augment = _core.tangent_augment
 
 
 class GeometricSGD(DLRT):

@@ -24,13 +24,9 @@ __all__ = ["GradientRecorder"]
 
 def _recordable(module: nn.Module) -> Optional[Tensor]:
     """The low-rank parameter whose gradient this module's pair gives, or None."""
-    from ..nn import LowRankAdapterLinear, LowRankConv2d, LowRankLinear
+    from ..nn import is_lowrank_layer
 
-    if isinstance(module, (LowRankLinear, LowRankConv2d)):
-        return module.weight
-    if isinstance(module, LowRankAdapterLinear):
-        return module.delta
-    return None
+    return module.point if is_lowrank_layer(module) else None
 
 
 class _RecordHook:
