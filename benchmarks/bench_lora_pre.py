@@ -15,8 +15,9 @@ Methods (``METHODS``):
 
 * ``Adam``: ``torch.optim.Adam`` on everything (the reference);
 * ``LoRA-Pre (current g)``: ``LoRAPreAdam(rank=d/8)`` as it comes, stepping with the published
-  ``beta1 (B A)_{t-1} + (1 - beta1) g_t`` (``current_gradient=True``, the default) within Adam's
-  own per-entry bound (``update_bound="adam"``, the default);
+  ``beta1 (B A)_{t-1} + (1 - beta1) g_t`` (``current_gradient=True``, the default), its second
+  moment's history at Adam's bias (``history_bias_correction=True``) and within Adam's own
+  per-entry bound (``update_bound="adam"``), both defaults;
 * ``LoRA-Pre (reconstruction)``: the same state, stepping with the factors' reconstruction
   (``current_gradient=False``), bounded alike;
 * ``GaLore (gap 200 / scale 0.25)``: ``galore_torch.GaLoreAdamW`` 1.0 (``pip install

@@ -39,12 +39,18 @@ the factors before this step's Newton updates give
 .. math::
 
     m_t = \beta_1 (BA)_{t-1} + (1 - \beta_1)\, g_t, \qquad
-    v_t = \beta_2\, u_{t-1}^{\circ 2} + (1 - \beta_2)\, g_t^{\circ 2},
+    v_t = \beta_2\, \kappa_t\, u_{t-1}^{\circ 2} + (1 - \beta_2)\, g_t^{\circ 2},
     \qquad d_t = \sqrt{v_t / (1 - \beta_2^t)}
 
 (``"square"``: :math:`\beta_2 \max(v_{t-1}, 0)` in place of
-:math:`\beta_2 u_{t-1}^{\circ 2}`), and the factors are then updated on
-:math:`g_t` as above. :math:`g_t` enters the step in full at every rank. At full
+:math:`\beta_2 \kappa_t u_{t-1}^{\circ 2}`), and the factors are then updated on
+:math:`g_t` as above. :math:`\kappa_t = (1 - \beta_2^{t-1}) / (1 - \beta_u^{t-1})^2`
+(``history_bias_correction=True``, default; :math:`\kappa_1 = 0`) gives the squared
+``|g|`` EMA, whose bias is :math:`(1 - \beta_u^{t-1})^2`, Adam's bias
+:math:`1 - \beta_2^{t-1}`, so that the division by :math:`1 - \beta_2^t` corrects both terms
+alike; the paper's formula has :math:`\kappa_t = 1`, a history too small by a factor 0.07
+at step 300 for :math:`\beta_2 = 0.999`, hence steps too large early in a run (measured:
+``docs/lora_pre.md``). :math:`g_t` enters the step in full at every rank. At full
 square rank :math:`m_t` is Adam's EMA (to rounding), the first step is
 AdamW's, and with ``"square"`` every step is AdamW's (to rounding).
 
@@ -322,6 +328,15 @@ def _update_bound(option: Union[str, float], beta1: float, beta2: float, step: T
     return float(option)
 
 
+def _history_rescale(beta2: float, step: Tensor) -> Tensor:
+    r""":math:`(1 - \beta_2^{t-1}) / (1 - \beta_u^{t-1})^2` (``0`` at ``t = 1``, where the history
+    is zero): the factor that turns the square of the ``|g|`` EMA, biased by
+    :math:`(1 - \beta_u^{t-1})^2`, into a term with Adam's bias :math:`1 - \beta_2^{t-1}`."""
+    prev = step - 1
+    bias_u = 1.0 - math.sqrt(beta2) ** prev
+    return torch.where(prev > 0, (1.0 - beta2 ** prev) / bias_u.clamp_min(1e-30).square(), torch.zeros_like(prev))
+
+
 class LoRAPreAdam(Optimizer):
     r"""Adam(W) with rank-``r`` factored first and second moments (LoRA-Pre).
 
@@ -339,7 +354,8 @@ class LoRAPreAdam(Optimizer):
 
     by default (``current_gradient=True``, the paper's step) with
     :math:`m_t = \beta_1 (m_B m_A)_{t-1} + (1 - \beta_1) g_t`,
-    :math:`d_t = \sqrt{(\beta_2 s_{t-1}^2 + (1 - \beta_2) g_t^2) / (1 - \beta_2^t)}`
+    :math:`d_t = \sqrt{(\beta_2 \kappa_t s_{t-1}^2 + (1 - \beta_2) g_t^2) / (1 - \beta_2^t)}`
+    (:math:`\kappa_t` the history's bias correction, module docstring)
     and :math:`K_t` = :func:`adam_update_bound` (no entry steps further than exact Adam
     could); with ``current_gradient=False`` :math:`m_t = (m_B m_A)_t` and
     :math:`d_t = |s_t| / (1 - \beta_u^t)`, :math:`\beta_u = \sqrt{\beta_2}` for
@@ -409,6 +425,12 @@ class LoRAPreAdam(Optimizer):
         take at step ``t`` (:func:`adam_update_bound`), a number ``> 0`` a fixed
         bound, ``None`` none. Applies to the factored parameters outside the Muon
         variant; the dense-state ones are exact Adam(W), which obeys it anyway.
+    history_bias_correction : bool, optional
+        ``True`` (default): in the current-gradient form with ``second_moment="abs"``
+        the squared ``|g|`` history is rescaled to Adam's bias,
+        ``kappa_t = (1 - beta2**(t-1)) / (1 - sqrt(beta2)**(t-1))**2``; ``False``: the
+        paper's formula (``kappa_t = 1``). ``False`` elsewhere raises ``ValueError``
+        (it would change nothing).
 
     Notes
     -----
@@ -443,6 +465,7 @@ class LoRAPreAdam(Optimizer):
         factor_first_moment: bool = True,
         current_gradient: Optional[bool] = None,
         update_bound: Union[str, float, None] = "adam",
+        history_bias_correction: bool = True,
     ) -> None:
         if current_gradient is None:
             current_gradient = not muon
@@ -450,7 +473,7 @@ class LoRAPreAdam(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, second_moment=second_moment,
             solve_eps=solve_eps, always_factor=always_factor, muon=muon, ns_steps=ns_steps,
             factor_first_moment=factor_first_moment, current_gradient=current_gradient,
-            update_bound=update_bound,
+            update_bound=update_bound, history_bias_correction=history_bias_correction,
         )
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -512,6 +535,14 @@ class LoRAPreAdam(Optimizer):
             isinstance(bound, (int, float)) and not isinstance(bound, bool) and 0.0 < bound <= math.inf
         )):
             raise ValueError(f"Invalid update_bound: {bound!r} (need 'adam', a number > 0 or None)")
+        correction = group["history_bias_correction"]
+        if not isinstance(correction, bool):
+            raise ValueError(f"Invalid history_bias_correction: {correction!r} (need a bool)")
+        if not correction and not (cur and mode == "abs"):
+            raise ValueError(
+                "history_bias_correction=False has an effect only on the current-gradient form "
+                "with second_moment='abs' (current_gradient=True)"
+            )
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
@@ -637,7 +668,7 @@ class LoRAPreAdam(Optimizer):
         Reconstruction form (``current_gradient=False``): ``m_t`` and ``d_t`` come from the
         factors *after* their Newton steps on ``g_t``. Current-gradient form: from the factors
         *before* them, :math:`m_t = \beta_1 (BA)_{t-1} + (1-\beta_1) g_t` and
-        :math:`v_t = \beta_2 s_{t-1}^{\circ 2} + (1-\beta_2) g_t^{\circ 2}` (``"abs"``;
+        :math:`v_t = \beta_2 \kappa_t s_{t-1}^{\circ 2} + (1-\beta_2) g_t^{\circ 2}` (``"abs"``;
         ``"square"``: :math:`\beta_2 \max(s_{t-1}, 0) + \ldots`), ``d_t = sqrt(v_t / (1 - beta2^t))``.
         """
         beta1, beta2 = group["betas"]
@@ -658,7 +689,12 @@ class LoRAPreAdam(Optimizer):
         else:
             _newton_pair_(v_B, v_A, g * g, 1.0 - math.sqrt(beta2), solve_eps)
         if current:
-            s = s.square_() if mode == "abs" else s.clamp_min_(0.0)
+            if mode == "abs":
+                s = s.square_()
+                if group["history_bias_correction"]:
+                    s.mul_(_history_rescale(beta2, step_t).to(s.dtype))
+            else:
+                s = s.clamp_min_(0.0)
             s.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
             bias2 = 1.0 - beta2 ** step_t
             return m, (s.sqrt_() / bias2.sqrt().to(s.dtype)).add_(group["eps"])
