@@ -88,7 +88,8 @@ def smoke_runs(tmp_path_factory):
 def test_example_smoke(name, smoke_runs):
     needs, last_line, writes_report, _, _ = CASES[name]
     for module in needs:
-        pytest.importorskip(module, reason=f"{name} needs {module} (pip install '.[examples]')")
+        extra = "hf" if module in ("transformers", "peft", "accelerate") else "examples"
+        pytest.importorskip(module, reason=f"{name} needs {module} (pip install '.[{extra}]')")
     by_name, tmp_path = smoke_runs
     results = by_name[name]
     assert [r["argv"] for r in results] == arguments(name)

@@ -216,3 +216,31 @@ def test_layers_take_the_second_moment_and_save_it(cls, args, tmp_path):
     assert torch.equal(fresh[0].weight, layer.weight)
     with pytest.raises(ValueError, match="second_moment"):
         getattr(lnn, cls)(*args, second_moment="entrywise")
+
+
+def test_second_moment_reaches_every_way_of_building_layers(tmp_path):
+    """docs/training.md recommends second_moment="rows" for RiemannianAdam: it is an option of
+    convert_to_low_rank, add_adapters and from_dense, survives save/load, and a bad value is
+    refused before any layer is touched."""
+    import copy
+
+    from lowrank_manifolds.nn import (LowRankConv2d, LowRankLinear, add_adapters, convert_to_low_rank,
+                                      load_lowrank, save_lowrank)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 30))
+    converted = convert_to_low_rank(copy.deepcopy(model), rank=3, second_moment="rows")
+    assert [m.manifold.second_moment for m in converted if isinstance(m, LowRankLinear)] == ["rows", "rows"]
+    adapted = add_adapters(copy.deepcopy(model), rank=2, second_moment="rows")
+    assert [m.manifold.second_moment for m in adapted if hasattr(m, "delta")] == ["rows", "rows"]
+    save_lowrank(adapted, tmp_path / "adapters")
+    reloaded = load_lowrank(copy.deepcopy(model), tmp_path / "adapters")
+    assert [m.manifold.second_moment for m in reloaded if hasattr(m, "delta")] == ["rows", "rows"]
+    conv = LowRankConv2d.from_dense(torch.nn.Conv2d(3, 8, 3), rank=2, second_moment="rows")
+    assert conv.manifold.second_moment == "rows"
+    untouched = copy.deepcopy(model)
+    for build in (convert_to_low_rank, add_adapters):
+        with pytest.raises(ValueError, match="second_moment"):
+            build(untouched, rank=2, second_moment="entrywise")
+        assert all(type(m) in (torch.nn.Linear, torch.nn.ReLU) for m in untouched)
+        assert all(p.requires_grad for p in untouched.parameters())

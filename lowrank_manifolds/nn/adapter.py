@@ -57,6 +57,10 @@ class LowRankAdapterLinear(ManifoldModule):
         rounding, :math:`O(\epsilon_{mach} \|\Delta_0\|)`) without any extra buffer.
         If ``False``, the base is left untouched and the initial output differs by
         :math:`x\Delta_0^\top`, small by ``init_scale``.
+    second_moment : {"scalar", "rows"}
+        What stock ``geoopt.optim.RiemannianAdam`` keeps on the point (the manifold's
+        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"`` is the
+        gauge-invariant one ``docs/training.md`` recommends for it).
 
     Notes
     -----
@@ -76,6 +80,7 @@ class LowRankAdapterLinear(ManifoldModule):
         tol: float = 0.0,
         init_scale: float = 1e-3,
         exact_init: bool = True,
+        second_moment: str = "scalar",
     ):
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -88,7 +93,7 @@ class LowRankAdapterLinear(ManifoldModule):
         base.requires_grad_(False)
         self.base = base
         self.init_scale = float(init_scale)
-        manifold = make_manifold(m, n, rank, max_rank, tol)
+        manifold = make_manifold(m, n, rank, max_rank, tol, second_moment=second_moment)
         self._keep_manifold("delta", manifold)
         w0 = base.weight
         factory = dict(dtype=w0.dtype, device=w0.device)

@@ -98,6 +98,12 @@ class _Recorder:
         return SurgeryReport(module, self.changed, self.skipped, self.before[0], after[0], self.before[1], after[1])
 
 
+def _check_second_moment(second_moment) -> None:
+    """Checked before any layer is touched (FixedRankManifold would raise at the first one)."""
+    if second_moment not in ("scalar", "rows"):
+        raise ValueError(f"second_moment must be 'scalar' or 'rows', got {second_moment!r}")
+
+
 def _replace(module: nn.Module, fn, descend_into_ours: bool = False) -> nn.Module:
     """Apply ``fn(qualname, child) -> new or None`` to every submodule (pre-order),
     replacing a child when ``fn`` returns a module; replaced subtrees and (unless
@@ -157,6 +163,7 @@ def convert_to_low_rank(
     exclude: Patterns = None,
     require_saving: bool = True,
     report: bool = False,
+    second_moment: str = "scalar",
 ) -> Union[nn.Module, SurgeryReport]:
     r"""Replace linear layers and ``nn.Conv2d`` layers by low-rank layers, in place.
 
@@ -201,6 +208,10 @@ def convert_to_low_rank(
         skipped one with its reason. A flag rather than a second function keeps one set of
         arguments and one code path, and existing callers unchanged; the report carries the
         module because the result is a new object when ``module`` is itself a layer.
+    second_moment : {"scalar", "rows"}
+        What stock ``geoopt.optim.RiemannianAdam`` keeps on the point (the manifold's
+        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"`` is the
+        gauge-invariant one ``docs/training.md`` recommends for it).
 
     Returns
     -------
@@ -230,6 +241,7 @@ def convert_to_low_rank(
     elif max_rank is None and tol is not None and svd_tol is None:
         deprecated("convert_to_low_rank: tol= without max_rank as the initial SVD cut is deprecated: use svd_tol=")
         svd_tol, tol = tol, None
+    _check_second_moment(second_moment)
     if rank is None and svd_tol is None and max_rank is None:
         raise ValueError("give a rank, an initial SVD cut svd_tol, or both (or a capacity max_rank)")
     if rank is not None:
@@ -276,9 +288,9 @@ def convert_to_low_rank(
             return None
         cls = LowRankConv2d if kind is None else LowRankLinear
         if cap_r is None:
-            new = cls.from_dense(dense, rank=r)
+            new = cls.from_dense(dense, rank=r, second_moment=second_moment)
         else:
-            new = cls.from_dense(dense, rank=r, max_rank=cap_r, tol=tol)
+            new = cls.from_dense(dense, rank=r, max_rank=cap_r, tol=tol, second_moment=second_moment)
         if kind is not None:
             set_origin_type(new, type(child))
             new.train(child.training)
@@ -301,6 +313,7 @@ def add_adapters(
     max_rank: Optional[int] = None,
     tol: float = 0.0,
     report: bool = False,
+    second_moment: str = "scalar",
 ) -> Union[nn.Module, SurgeryReport]:
     r"""Wrap linear layers (``nn.Linear``, ``transformers``' ``Conv1D``, any registered type) in
     :class:`LowRankAdapterLinear`, in place.
@@ -330,6 +343,10 @@ def add_adapters(
     report : bool
         Return a :class:`~lowrank_manifolds.nn.report.SurgeryReport` instead of the module
         (see :func:`convert_to_low_rank`).
+    second_moment : {"scalar", "rows"}
+        What stock ``geoopt.optim.RiemannianAdam`` keeps on the point (the manifold's
+        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"`` is the
+        gauge-invariant one ``docs/training.md`` recommends for it).
 
     Notes
     -----
@@ -342,6 +359,7 @@ def add_adapters(
     :func:`~lowrank_manifolds.nn.serialization.save_lowrank` can save the adapters alone.
     """
     positive_int(rank, "rank")
+    _check_second_moment(second_moment)
     if max_rank is not None:
         positive_int(max_rank, "max_rank")
         if rank > max_rank:
@@ -363,7 +381,8 @@ def add_adapters(
             rec.skip(qual, child, f"rank {rank} > min(m, n) = {small}")
             return None
         cap = None if max_rank is None else min(max_rank, small)
-        new = LowRankAdapterLinear(base, rank, max_rank=cap, tol=tol, init_scale=init_scale, exact_init=False)
+        new = LowRankAdapterLinear(base, rank, max_rank=cap, tol=tol, init_scale=init_scale, exact_init=False,
+                                   second_moment=second_moment)
         record_initial_correction(new, folded=exact_init)
         if exact_init:
             fold_initial_correction(new)

@@ -108,7 +108,7 @@ class _LowRankWeight(ManifoldModule):
 
     @classmethod
     def _from_matrix(cls, dense: nn.Module, w: Tensor, ctor_args: tuple, ctor_kwargs: dict, *, rank, svd_tol,
-                     max_rank, tol, rank_tol):
+                     max_rank, tol, rank_tol, second_moment):
         """The layer ``cls(*ctor_args, r, **ctor_kwargs)`` holding the truncated SVD of the
         matricised dense weight ``w`` (``m x n``) and the bias and mode of ``dense``."""
         what = f"the {type(dense).__name__}"
@@ -117,7 +117,7 @@ class _LowRankWeight(ManifoldModule):
         u, s, v = truncated_factors(w, rank, cut, what)
         layer = torch.nn.utils.skip_init(
             cls, *ctor_args, u.shape[-1], bias=dense.bias is not None, max_rank=max_rank, tol=tol,
-            dtype=w.dtype, device=w.device, **ctor_kwargs,
+            dtype=w.dtype, device=w.device, second_moment=second_moment, **ctor_kwargs,
         )
         return layer._adopt(u, s, v, dense)
 
@@ -260,7 +260,7 @@ class LowRankLinear(_LowRankWeight):
         rank: Optional[int] = None,
         *,
         svd_tol: Optional[float] = None, max_rank: Optional[int] = None, tol: Optional[float] = None,
-        rank_tol: Optional[float] = None,
+        rank_tol: Optional[float] = None, second_moment: str = "scalar",
     ) -> "LowRankLinear":
         r"""A :class:`LowRankLinear` from the truncated SVD of a dense ``nn.Linear``.
 
@@ -283,6 +283,8 @@ class LowRankLinear(_LowRankWeight):
             cuts the initial SVD: the weight's own truncation policy applied to ``W``.
         rank_tol : float, optional
             Deprecated name of ``tol`` (the old ``tol`` is then ``svd_tol``).
+        second_moment : {"scalar", "rows"}, optional
+            As the constructor's.
 
         Notes
         -----
@@ -294,7 +296,8 @@ class LowRankLinear(_LowRankWeight):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
         return cls._from_matrix(linear, linear.weight, (linear.in_features, linear.out_features), {}, rank=rank,
-                                svd_tol=svd_tol, max_rank=max_rank, tol=tol, rank_tol=rank_tol)
+                                svd_tol=svd_tol, max_rank=max_rank, tol=tol, rank_tol=rank_tol,
+                                second_moment=second_moment)
 
     def to_dense_linear(self) -> nn.Linear:
         r"""A plain ``nn.Linear`` with weight :math:`USV^\top` (cost :math:`O(mnr)`),
@@ -526,7 +529,7 @@ class LowRankConv2d(_LowRankWeight):
         rank: Optional[int] = None,
         *,
         svd_tol: Optional[float] = None, max_rank: Optional[int] = None, tol: Optional[float] = None,
-        rank_tol: Optional[float] = None,
+        rank_tol: Optional[float] = None, second_moment: str = "scalar",
     ) -> "LowRankConv2d":
         r"""A :class:`LowRankConv2d` from the truncated SVD of an ``nn.Conv2d``'s
         matricised kernel (``out x in*kh*kw``); arguments as
@@ -539,7 +542,8 @@ class LowRankConv2d(_LowRankWeight):
         kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
         w = conv.weight
         return cls._from_matrix(conv, w.reshape(w.shape[0], -1), (conv.in_channels, conv.out_channels, conv.kernel_size),
-                                kwargs, rank=rank, svd_tol=svd_tol, max_rank=max_rank, tol=tol, rank_tol=rank_tol)
+                                kwargs, rank=rank, svd_tol=svd_tol, max_rank=max_rank, tol=tol, rank_tol=rank_tol,
+                                second_moment=second_moment)
 
     def to_dense_conv(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with the dense kernel (cost ``O(mnr)``), detached."""

@@ -280,7 +280,8 @@ def _build_adapter(spec: Dict[str, Any], dense: nn.Module, name: str) -> LowRank
         raise TypeError(f"{name}: {type(dense).__name__} is not a registered linear type")
     base = kind.to_linear(dense)
     adapter = LowRankAdapterLinear(base, spec["rank"], max_rank=spec["capacity"] if spec["adaptive"] else None,
-                                   tol=spec.get("tol", 0.0), init_scale=spec["init_scale"], exact_init=False)
+                                   tol=spec.get("tol", 0.0), init_scale=spec["init_scale"], exact_init=False,
+                                   second_moment=spec.get("second_moment", "scalar"))
     set_origin_type(adapter, type(dense))
     adapter.train(dense.training)
     return adapter
