@@ -46,6 +46,22 @@ def renamed(old_name: str, old_value: Any, new_name: str, new_value: Any, where:
     return old_value
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning raised here to the first frame outside
+    this package and torch (the user's line), however deep the call and its decorators
+    (``torch.no_grad``, ``torch.compiler.disable``) are."""
+    import os
+    import sys
+
+    import torch
+
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def deprecated(message: str, stacklevel: int = 3) -> None:
     """A ``DeprecationWarning`` attributed to the caller of the public function."""
     warnings.warn(message, DeprecationWarning, stacklevel=stacklevel)

@@ -324,8 +324,9 @@ def test_dlrt_without_model_warns_and_uses_projected_gradient():
     opt = DLRT(layer.parameters(), lr=h, integrator="abc-psi")  # parallel BUG needs no recording: no warning
     opt.zero_grad()
     (layer(x) * c).sum().backward()
-    with pytest.warns(RuntimeWarning, match="no recorded"):
+    with pytest.warns(RuntimeWarning, match="no recorded") as caught:
         opt.step()
+    assert caught[0].filename == __file__  # attributed to the line that called step()
     opt2 = DLRT(ref.parameters(), lr=h, integrator="parallel-bug", model=ref)
     (ref(x) * c).sum().backward()
     opt2.step()

@@ -58,7 +58,7 @@ from ._core import (
     tangent_augment,
     truncate_and_carry,
 )
-from .._args import nonneg, positive_int, unit_interval
+from .._args import nonneg, positive_int, unit_interval, user_stacklevel
 from .recorder import GradientRecorder
 
 __all__ = ["DLRT"]
@@ -525,7 +525,7 @@ class DLRT(LowRankOptimizer):
                 "LowRankLinear / LowRankConv2d / LowRankAdapterLinear); its field is -P_X(G) from autograd, "
                 "with which abc-PSI and augmented BUG reduce to a retraction step",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
             self._warned = True
 
