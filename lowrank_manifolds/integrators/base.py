@@ -150,9 +150,9 @@ class RankAdaptiveIntegrator(Integrator):
         ``U1``, ``V1`` (from :func:`~lowrank_manifolds._linalg.qr_kept_first`), and ``S1`` is
         exactly zero on the completing directions that follow."""
         U, S, V, field, h, t = self._prepare(U, S, V, field, h, t)
-        if active is not None:
-            active = _check_active(active, S)
-        return self._augmented_step(U, S, V, field, h, t, active)
+        if active is None:  # an integrator of a user's own need not know masks
+            return self._augmented_step(U, S, V, field, h, t)
+        return self._augmented_step(U, S, V, field, h, t, _check_active(active, S))
 
     @abstractmethod
     def _augmented_step(self, U, S, V, field: Field, h: float, t: float,
