@@ -202,28 +202,32 @@ def check_betas(betas) -> None:
 # ---------------------------------------------------------------------------
 # ordinary parameters: torch's own functional SGD / Adam(W)
 # ---------------------------------------------------------------------------
-def sgd_update(p: Tensor, g: Tensor, state: dict, lr, momentum, dampening, nesterov, weight_decay) -> None:
-    """One ``torch.optim.SGD`` step of an ordinary parameter (torch's functional ``sgd``)."""
-    bufs = [state.get("momentum_buffer")]
-    torch_sgd([p], [g], bufs, foreach=False, weight_decay=weight_decay, momentum=momentum, lr=lr,
-                        dampening=dampening, nesterov=nesterov, maximize=False)
+def sgd_update(params: list, states: list, lr, momentum, dampening, nesterov, weight_decay, foreach) -> None:
+    """One ``torch.optim.SGD`` step of ordinary parameters (torch's functional ``sgd``; with
+    ``foreach``, its multi-tensor form: one kernel per list)."""
+    bufs = [state.get("momentum_buffer") for state in states]
+    torch_sgd(params, [p.grad for p in params], bufs, foreach=foreach, weight_decay=weight_decay,
+              momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=False)
     if momentum:
-        state["momentum_buffer"] = bufs[0]
+        for state, buf in zip(states, bufs):
+            state["momentum_buffer"] = buf
 
 
-def adam_update(p: Tensor, g: Tensor, state: dict, lr, betas, eps, weight_decay, decoupled) -> None:
-    """One ``torch.optim.Adam`` (``decoupled``: ``AdamW``) step of an ordinary parameter
-    (torch's functional ``adam``); the state is torch's (``step`` a CPU scalar tensor)."""
-    if not state:
-        state["step"] = torch.zeros((), dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    elif not torch.is_tensor(state["step"]):  # a checkpoint of an earlier version: an int
-        state["step"] = torch.tensor(float(state["step"]))
+def adam_update(params: list, states: list, lr, betas, eps, weight_decay, decoupled, foreach) -> None:
+    """One ``torch.optim.Adam`` (``decoupled``: ``AdamW``) step of ordinary parameters
+    (torch's functional ``adam``; with ``foreach``, its multi-tensor form); the state is
+    torch's (``step`` a CPU scalar tensor)."""
+    for p, state in zip(params, states):
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not torch.is_tensor(state["step"]):  # a checkpoint of an earlier version: an int
+            state["step"] = torch.tensor(float(state["step"]))
     torch_adam(
-        [p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], foreach=False,
-        decoupled_weight_decay=decoupled, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
-        weight_decay=weight_decay, eps=eps, maximize=False,
+        params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+        [s["step"] for s in states], foreach=foreach, decoupled_weight_decay=decoupled, amsgrad=False,
+        beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
     )
 
 
@@ -325,21 +329,76 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if self.check_finite:
             check_finite_grads(self)
         for group in self.param_groups:
+            lowrank, plain = [], []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if is_lowrank_parameter(p):
-                    self._lowrank_step(p, p.grad, group, state)
+                if p.grad is not None:
+                    (lowrank if is_lowrank_parameter(p) else plain).append(p)
+            if plain:
+                self._euclidean_step(plain, group)
+            for members in self._shape_groups(group, lowrank):
+                if len(members) == 1:
+                    self._lowrank_step(members[0], members[0].grad, group, self.state[members[0]])
                 else:
-                    self._euclidean_step(p, p.grad, group, state)
+                    self._batched_lowrank_step(members, group)
         if self._recorder is not None:
             self._recorder.clear()
         return loss
 
+    def _batchable(self, p: Tensor) -> bool:
+        """Whether ``p`` may be stepped in a batch with others (a subclass may hold per-weight
+        data that does not stack, e.g. a recorded field)."""
+        return True
+
+    def _shape_groups(self, group: dict, params: list) -> list:
+        """The low-rank weights of a param group, as lists stepped together: weights of one
+        shape, dtype and device, on manifolds of one configuration, whose states have the
+        same keys, shapes and counters (``foreach=False``, or a weight that is not
+        :meth:`_batchable`: one list per weight). Decided from metadata only (no host read)."""
+        if group.get("foreach") is not False:
+            batches: dict = {}
+            for p in params:
+                if not self._batchable(p):
+                    batches[("alone", id(p))] = [p]
+                    continue
+                mf, state = p.manifold, self.state[p]
+                # what the step reads of the manifold (the nominal rank of a capacity weight,
+                # its retraction and second moment are geoopt's business, not the step's)
+                key = (tuple(p.shape), p.dtype, p.device, type(mf), mf.m, mf.n, mf.capacity, mf.adaptive,
+                       repr(mf.truncation), mf.check_finite,
+                       tuple(sorted((k, (tuple(v.shape), v.dtype) if torch.is_tensor(v) else v)
+                                    for k, v in state.items())))
+                batches.setdefault(key, []).append(p)
+            return list(batches.values())
+        return [[p] for p in params]
+
+    def _batched_lowrank_step(self, members: list, group: dict) -> None:
+        r"""One step of ``members`` (weights of one :meth:`_shape_groups` list) as one
+        batched weight: their points, gradients and states are stacked on a leading axis,
+        :meth:`_lowrank_step` runs once on the stack (every stage takes a batch of points
+        with their own active ranks: ranks are masks), and the results are copied back into
+        each weight and state. Equal to the per-weight steps to rounding (tested)."""
+        states = [self.state[p] for p in members]
+        x = torch.stack([p.detach() for p in members])
+        x.manifold = members[0].manifold  # the stack is a batch of points of this manifold
+        grad = torch.stack([p.grad for p in members])
+        stacked = {k: torch.stack([s[k] for s in states]) if torch.is_tensor(v) else v
+                   for k, v in states[0].items()}
+        self._lowrank_step(x, grad, group, stacked)
+        torch._foreach_copy_([p.detach() for p in members], list(x.unbind(0)))
+        for key, value in stacked.items():
+            if not torch.is_tensor(value):
+                for s in states:
+                    s[key] = value
+            elif key in states[0]:
+                torch._foreach_copy_([s[key] for s in states], list(value.unbind(0)))
+            else:  # a state the step created: each weight gets its own storage
+                for s, v in zip(states, value.unbind(0)):
+                    s[key] = v.clone()
+
     def _lowrank_step(self, p, grad, group, state):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _euclidean_step(self, p, grad, group, state):  # pragma: no cover - abstract
+    def _euclidean_step(self, params: list, group: dict) -> None:  # pragma: no cover - abstract
+        """One step of the ordinary parameters ``params`` (with gradients) of ``group``."""
         raise NotImplementedError
 

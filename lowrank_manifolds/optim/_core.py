@@ -201,6 +201,8 @@ def core_update(s0: Tensor, g: Tensor, group: dict, state: dict, embedding: Embe
             buf = g.clone()
         else:
             buf = embedding(buf, "momentum_buffer").mul_(mom).add_(g, alpha=1 - group["dampening"])
+        if support is not None:  # the embedded buffer is rounding-level off the support: exactly zero
+            buf = torch.where(support, buf, 0.0)
         direction = g + mom * buf if group["nesterov"] else buf
         return s0 - lr * direction, {"momentum_buffer": buf}
     b1, b2 = group["betas"]

@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from .._linalg import cat_last, leading, mT, pinv_core
 from ..integrators import INTEGRATORS, MatrixField, TangentField
@@ -286,6 +287,13 @@ class DLRT(LowRankOptimizer):
     grad_rtol : float, optional
         Relative tolerance of the check that ``p.grad`` is a scalar multiple of the
         recorded gradient; default ``10 * sqrt(eps)`` of the weight's dtype.
+    foreach : bool, optional
+        As in ``torch.optim``: ``None`` (default) or ``True`` step the low-rank weights of a
+        param group that share shape, dtype, device, manifold configuration and state
+        layout together, as one batch (one QR, SVD, ... call per shape group instead of
+        per weight; each weight keeps its own active rank, as a mask); ``False`` steps
+        them one by one (the reference; weights with a recorded field always are). The
+        results agree to rounding.
     """
 
     def __init__(
@@ -310,6 +318,7 @@ class DLRT(LowRankOptimizer):
         decoupled_weight_decay: bool = False,
         m2_transport: str = "squared",
         perp_second_moment: str = "entrywise",
+        foreach: Optional[bool] = None,
         **deprecated: Any,
     ):
         defaults = dict(
@@ -318,7 +327,7 @@ class DLRT(LowRankOptimizer):
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps, core=core,
             augment_every=augment_every, dampening=dampening, nesterov=nesterov,
             decoupled_weight_decay=decoupled_weight_decay, m2_transport=m2_transport,
-            perp_second_moment=perp_second_moment,
+            perp_second_moment=perp_second_moment, foreach=foreach,
         )
         super().__init__(params, defaults)
         self._process_group = None
@@ -369,6 +378,8 @@ class DLRT(LowRankOptimizer):
                 "integrator='augmented-bug' or 'parallel-bug' (abc-PSI's V^ does not contain V, so "
                 "U^ S^_0 V^^T would not be the point)"
             )
+        if group["foreach"] not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
         positive_int(group["augment_every"], "augment_every")
         if group["augment_every"] > 1 and group["core"] == "flow":
             raise ValueError("augment_every > 1 is the cycle of core='momentum' or core='adam', not of the flow")
@@ -386,17 +397,20 @@ class DLRT(LowRankOptimizer):
                 "it needs integrator='parallel-bug' and core='adam' (GeometricAdam)"
             )
 
-    def _euclidean_step(self, p, grad, group, state):
+    def _batchable(self, p: Tensor) -> bool:
+        return id(p) not in self._fields  # a recorded field is built for its one weight
+
+    def _euclidean_step(self, params, group):
+        states = [self.state[p] for p in params]
+        foreach = group["foreach"]
+        if foreach is None:  # torch.optim's own default (multi-tensor on CUDA), so the step is torch's
+            foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
         if group["euclidean"] == "sgd":
-            sgd_update(
-                p, grad, state, group["lr"], group["momentum"], group["dampening"], group["nesterov"],
-                group["weight_decay"],
-            )
+            sgd_update(params, states, group["lr"], group["momentum"], group["dampening"], group["nesterov"],
+                       group["weight_decay"], foreach)
         else:
-            adam_update(
-                p, grad, state, group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                group["euclidean"] == "adamw",
-            )
+            adam_update(params, states, group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                        group["euclidean"] == "adamw", foreach)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -113,12 +113,13 @@ class GeometricSGD(DLRT):
         *,
         tol: Optional[float] = None, relative: Optional[bool] = None, min_rank: Optional[int] = None,
         fixed_rank: bool = False,
+        foreach: Optional[bool] = None,
         **deprecated: Any,
     ):
         super().__init__(
             params, lr, "parallel-bug", core="momentum", euclidean="sgd", momentum=momentum, dampening=dampening,
             nesterov=nesterov, weight_decay=weight_decay, tol=tol, relative=relative, min_rank=min_rank,
-            fixed_rank=fixed_rank, **deprecated,
+            fixed_rank=fixed_rank, foreach=foreach, **deprecated,
         )
 
     def _configure(self, group):
@@ -218,13 +219,14 @@ class GeometricAdam(DLRT):
         m2_transport: str = "squared",
         perp_second_moment: str = "entrywise",
         augment_every: int = 1,
+        foreach: Optional[bool] = None,
         **deprecated: Any,
     ):
         super().__init__(
             params, lr, "parallel-bug", core="adam", euclidean="adamw" if decoupled_weight_decay else "adam",
             betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
             tol=tol, relative=relative, min_rank=min_rank, fixed_rank=fixed_rank, m2_transport=m2_transport,
-            perp_second_moment=perp_second_moment, augment_every=augment_every, **deprecated,
+            perp_second_moment=perp_second_moment, augment_every=augment_every, foreach=foreach, **deprecated,
         )
 
     def _configure(self, group):
