@@ -1,0 +1,182 @@
+"""One optimizer step over many equal low-rank layers: per weight (``foreach=False``) against one
+batch per shape group (the default), with torch's foreach Adam on LoRA factors and the step's
+linear-algebra kernels alone as references.
+
+    python benchmarks/bench_grouped_step.py           # 48 x LowRankLinear(256, 256, 16), 1 thread (~2 min)
+    python benchmarks/bench_grouped_step.py --quick   # seconds: 4 small layers, a crash test, no result
+
+``opt.step()`` only (the gradients stay), timed interleaved in one process (``_timing.compare``:
+alternating order, medians, the median of the per-round ratios to the first entry). References:
+
+* ``foreach Adam (LoRA factors)``: ``torch.optim.Adam(foreach=True)`` on ``L`` pairs of LoRA
+  factors of the same rank (``m x r`` and ``r x n``): what a practitioner compares against;
+* ``kernels, batched`` / ``kernels, per layer``: the retraction's linear algebra alone, two QRs
+  of ``m x 2r`` and one ``2r x 2r`` SVD per layer, in one batched call each or in a loop: the
+  floor an optimizer of this family cannot go below.
+
+Also counted, with a ``TorchDispatchMode``: the aten ops of one steady-state step at ``L = 1``
+and at ``L``, and the data-dependent host reads (``_local_scalar_dense``, ``item``, ``equal``,
+``is_nonzero``, ``nonzero``). Results: ``benchmarks/results/grouped_step.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _timing  # noqa: E402
+
+_timing.set_threads_env(1)
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import geoopt  # noqa: E402
+from lowrank_manifolds.nn import LowRankLinear  # noqa: E402
+from lowrank_manifolds.optim import DLRT, GeometricAdam, GeometricSGD  # noqa: E402
+
+READS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero"}
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.reads += func.overloadpacket.__name__ in READS
+        return func(*args, **(kwargs or {}))
+
+
+def _optimizers(lr=1e-3):
+    """name -> (make(params, foreach), capacity or None)."""
+    return {
+        "GeometricSGD": (lambda ps, fe: GeometricSGD(ps, lr=lr, foreach=fe), None),
+        "GeometricAdam": (lambda ps, fe: GeometricAdam(ps, lr=lr, foreach=fe), None),
+        "GeometricAdam, capacity 2r": (lambda ps, fe: GeometricAdam(ps, lr=lr, foreach=fe), 2),
+        "DLRT abc-PSI (p.grad)": (lambda ps, fe: DLRT(ps, lr=lr, integrator="abc-psi", foreach=fe), None),
+        "DLRT augmented BUG + Adam, capacity 2r": (
+            lambda ps, fe: DLRT(ps, lr=lr, integrator="augmented-bug", core="adam", foreach=fe), 2),
+    }
+
+
+def _model(L, m, n, r, cap_factor):
+    kw = {} if cap_factor is None else {"max_rank": cap_factor * r, "tol": 1e-3}
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[LowRankLinear(n, m, r, bias=False, **kw) for _ in range(L)])
+
+
+def _ready(model, opt, x):
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+
+
+def _lora(L, m, n, r):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(*shape) * 0.1) for _ in range(L) for shape in ((m, r), (r, n))]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(ps, lr=1e-3, foreach=True)
+    opt.step()
+    return opt
+
+
+def _kernels(L, m, n, r, batched):
+    a = torch.randn(L, m, 2 * r)
+    b = torch.randn(L, n, 2 * r)
+    c = torch.randn(L, 2 * r, 2 * r)
+    if batched:
+        return lambda: (torch.linalg.qr(a), torch.linalg.qr(b), torch.linalg.svd(c))
+    return lambda: [(torch.linalg.qr(a[i]), torch.linalg.qr(b[i]), torch.linalg.svd(c[i])) for i in range(L)]
+
+
+def _anatomy(make, cap, L, m, n, r, foreach):
+    model = _model(L, m, n, r, cap)
+    opt = make(model.parameters(), foreach)
+    _ready(model, opt, torch.randn(32, n))
+    count = _Count()
+    with count:
+        opt.step()
+    return count.ops, count.reads
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--budget", type=float, default=6.0, help="seconds of timing per optimizer")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args(argv)
+    _timing.apply_threads(1)
+    L, (m, n, r) = (4, (24, 24, 4)) if args.quick else (args.layers, (256, 256, 16))  # square: a stack
+    budget = 0.2 if args.quick else args.budget
+    x = torch.randn(32, n)
+    lora = _lora(L, m, n, r)
+    refs = {"foreach Adam (LoRA factors)": lora.step, "kernels, batched": _kernels(L, m, n, r, True),
+            "kernels, per layer": _kernels(L, m, n, r, False)}
+    base = _timing.compare(refs, budget_s=budget)
+    rows = [dict(name=k, foreach="-", ms=base["median_s"][k] * 1e3) for k in refs]
+    floor_ms = base["median_s"]["kernels, batched"] * 1e3
+    adam_ms = base["median_s"]["foreach Adam (LoRA factors)"] * 1e3
+    for name, (make, cap) in _optimizers().items():
+        fns = {"foreach Adam (LoRA factors)": lora.step}  # first: the reference of the paired ratios
+        for fe in (False, None):
+            model = _model(L, m, n, r, cap)
+            opt = make(model.parameters(), fe)
+            _ready(model, opt, x)
+            fns[f"foreach={fe}"] = opt.step
+        res = _timing.compare(fns, budget_s=budget)
+        for fe in (False, None):
+            ops1, _ = _anatomy(make, cap, 1, m, n, r, fe)
+            opsL, readsL = _anatomy(make, cap, L, m, n, r, fe)
+            rows.append(dict(name=name, foreach=str(fe), ms=res["median_s"][f"foreach={fe}"] * 1e3,
+                             vs_adam=res["paired_ratio"][f"foreach={fe}"], ops_1=ops1, ops_L=opsL, reads_L=readsL,
+                             vs_loop=res["median_s"][f"foreach={fe}"] / res["median_s"]["foreach=False"]))
+        print(json.dumps(rows[-2:]), flush=True)
+    geo = _model(L, m, n, r, None)
+    gopt = geoopt.optim.RiemannianAdam(geo.parameters(), lr=1e-3)
+    _ready(geo, gopt, x)
+    gres = _timing.compare({"adam": lora.step, "geoopt": gopt.step}, budget_s=budget)
+    count = _Count()
+    with count:
+        gopt.step()
+    rows.append(dict(name="geoopt RiemannianAdam (stock)", foreach="-", ms=gres["median_s"]["geoopt"] * 1e3,
+                     vs_adam=gres["paired_ratio"]["geoopt"], ops_L=count.ops, reads_L=count.reads))
+    lines = [f"# One step over {L} x LowRankLinear({n}, {m}, rank {r}), `opt.step()` only, one thread", "",
+             "Generated by `python benchmarks/bench_grouped_step.py`. Times are medians of interleaved rounds; "
+             "`/ Adam`: the median of the per-round ratios to torch's foreach Adam on LoRA factors of the same "
+             f"rank ({adam_ms:.2f} ms); `/ floor`: over the batched kernels alone ({floor_ms:.2f} ms: two QRs "
+             f"{m} x {2 * r} and one {2 * r} x {2 * r} SVD per layer in one call each); `/ loop`: over the same "
+             f"optimizer with `foreach=False`. Ops: aten ops of one steady-state step at 1 and {L} layers; reads: "
+             f"data-dependent host reads at {L} layers. Load average {base['loadavg_before']}.", "",
+             "| step | foreach | ms | / Adam | / floor | / loop | ops (1) | ops (L) | reads (L) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def cell(row, key, fmt="{}"):
+        return fmt.format(row[key]) if key in row else "-"
+
+    for row in rows:
+        vs_adam = row.get("vs_adam", row["ms"] / adam_ms)
+        lines.append(f"| {row['name']} | {row['foreach']} | {row['ms']:.2f} | {vs_adam:.2f} | "
+                     f"{row['ms'] / floor_ms:.2f} | {cell(row, 'vs_loop', '{:.2f}')} | {cell(row, 'ops_1')} | "
+                     f"{cell(row, 'ops_L')} | {cell(row, 'reads_L')} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if not args.quick:
+        os.makedirs(args.out, exist_ok=True)
+        _timing.write_json(os.path.join(args.out, "grouped_step.json"),
+                           dict(rows=rows, machine=_timing.machine_info(1), layers=L, shape=[m, n, r]))
+        with open(os.path.join(args.out, "grouped_step.md"), "w") as fh:
+            fh.write(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
