@@ -189,3 +189,9 @@ def test_grouped_step_equals_the_per_weight_loop(name):
         g["foreach"] = None
     for x, y in zip(_run(model_b, opt_b, 3, 5)[-1], _run(model_c, opt_c, 3, 5)[-1]):
         assert (x - y).abs().max() < tol, name
+
+
+def test_foreach_must_be_none_or_a_bool():
+    manifold, x0, _ = _points(0)
+    with pytest.raises(ValueError, match="foreach"):
+        GeometricAdam([geoopt.ManifoldParameter(x0.clone(), manifold=manifold)], lr=0.1, foreach="yes")

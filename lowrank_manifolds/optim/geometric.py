@@ -94,6 +94,9 @@ class GeometricSGD(DLRT):
         by this tolerance, within the capacity ``R`` (rank-adaptive weights only).
     fixed_rank : bool
         Keep each rank-adaptive weight at its current active rank (the fixed-rank method).
+    foreach : bool, optional
+        ``None`` (default) or ``True``: the low-rank weights of one shape group step as one
+        batch; ``False``: one by one (see :class:`DLRT`).
     rank_tol, rank_relative
         Deprecated names of ``tol`` and ``relative``.
 
@@ -199,6 +202,9 @@ class GeometricAdam(DLRT):
 
         Between augmentations the weight is held in the augmented bases with a general
         (not diagonal, possibly singular) core. Needs ``fixed_rank=False``.
+    foreach : bool, optional
+        ``None`` (default) or ``True``: the low-rank weights of one shape group step as one
+        batch; ``False``: one by one (see :class:`DLRT`).
 
     Cost as :class:`GeometricSGD`; two ``R x R`` states and a step counter. Ordinary
     parameters: ``torch.optim.Adam`` / ``AdamW`` formulas. A core-only step costs
