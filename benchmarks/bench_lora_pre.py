@@ -308,7 +308,7 @@ def plot(rows, runs, best, widths, step_counts, figdir, prefix):
         ax.axhline(1, color="k", lw=0.8)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels([m.replace(" (", "\n(").replace(" / ", "\n") for m in methods], fontsize=7)
-        ax.set(title=f"width {w}", ylabel="validation loss / Adam's (same seed)")
+        ax.set(title=f"width {w}, betas {BETAS}", ylabel="validation loss / Adam's (same seed)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     out.append(save_figure(fig, os.path.join(figdir, f"{prefix}_relative.png")))
@@ -321,7 +321,7 @@ def plot(rows, runs, best, widths, step_counts, figdir, prefix):
             if sel:
                 steps_, vals = zip(*sel[0]["curve"])
                 ax.plot(steps_, vals, label=f"{m} (lr {best[w][m]:g})")
-        ax.set(title=f"width {w}, {longest} steps, seed 0", xlabel="step", ylabel="validation loss (nats / byte)")
+        ax.set(title=f"width {w}, {longest} steps, seed 0, betas {BETAS}", xlabel="step", ylabel="validation loss (nats / byte)")
         finals = [r["val"] for r in rows if r["width"] == w and r["steps"] == longest]
         if finals:
             ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
