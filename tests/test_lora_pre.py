@@ -1032,3 +1032,36 @@ def test_history_bias_correction_off_where_it_does_nothing_raises():
     for kwargs in (dict(current_gradient=False), dict(second_moment="square"), dict(history_bias_correction=1)):
         with pytest.raises(ValueError, match="history_bias_correction"):
             LoRAPreAdam([w], **{"history_bias_correction": False, **kwargs})
+
+
+def test_simultaneous_factor_update_is_eq_12_as_printed():
+    """factor_update="simultaneous": both Newton steps from the old factors, against the pinv
+    formulas of the dense reference; it is not the EMA at full square rank, the sequential
+    order is (to 1e-10)."""
+    gen = _gen(26)
+    n, beta1 = 5, 0.8
+    c = 1 - math.sqrt(beta1)
+    gs = [torch.randn(n, n, dtype=F64, generator=gen) for _ in range(6)]
+    ema = torch.zeros(n, n, dtype=F64)
+    for g in gs:
+        ema = beta1 * ema + (1 - beta1) * g
+    moments = {}
+    for order in ("sequential", "simultaneous"):
+        w = torch.zeros(n, n, dtype=F64, requires_grad=True)
+        opt = LoRAPreAdam([w], lr=0.0, betas=(beta1, 0.99), rank=n, always_factor=True, factor_update=order)
+        B = A = None
+        for t, g in enumerate(gs):
+            if t == 0:
+                _feed(opt, w, g)
+                B, A = opt.state[w]["m_B"].clone(), opt.state[w]["m_A"].clone()
+                continue
+            B_new = (1 - c) * B + c * g @ torch.linalg.pinv(A)
+            A_new = (1 - c) * A + c * torch.linalg.pinv(B_new if order == "sequential" else B) @ g
+            _feed(opt, w, g)
+            B, A = B_new, A_new
+            assert _rel_err(opt.moments(w)[0], B @ A) < 1e-9, (order, t)
+        moments[order] = opt.moments(w)[0]
+    assert _rel_err(moments["sequential"], ema) < 1e-10
+    assert _rel_err(moments["simultaneous"], ema) > 1e-2
+    with pytest.raises(ValueError, match="factor_update"):
+        LoRAPreAdam([torch.zeros(3, 3, requires_grad=True)], factor_update="parallel")

@@ -223,21 +223,23 @@ def _ridge_lstsq(mat: Tensor, rhs: Tensor, solve_eps: Optional[float]) -> Tensor
 
 
 def _newton_pair_(B: Tensor, A: Tensor, target: Tensor, c: float,
-                  solve_eps: Optional[float]) -> None:
-    r"""One sequential pair of damped Newton steps, in place.
+                  solve_eps: Optional[float], simultaneous: bool = False) -> None:
+    r"""One pair of damped Newton steps, in place.
 
     .. math::
         B \leftarrow (1-c) B + c\, T A^\top (A A^\top)^{-1}, \quad
         A \leftarrow (1-c) A + c\, (B^\top B)^{-1} B^\top T,
 
-    the second using the updated ``B``; then the gauge is reset
+    the second using the updated ``B`` (sequential) or, with ``simultaneous``, the old one
+    (Eq. 12 of the paper as printed); then the gauge is reset
     (:func:`_regauge_`). Both Newton targets are least-squares solutions,
     :math:`T A^\top (A A^\top)^{-1} = \arg\min_X \|X A - T\|` and
     :math:`(B^\top B)^{-1} B^\top T = \arg\min_X \|B X - T\|`, computed by
     :func:`_ridge_lstsq`.
     """
+    a_target = _ridge_lstsq(B, target, solve_eps) if simultaneous else None
     B.lerp_(_ridge_lstsq(A.mT, target.mT, solve_eps).mT, c)
-    A.lerp_(_ridge_lstsq(B, target, solve_eps), c)
+    A.lerp_(_ridge_lstsq(B, target, solve_eps) if a_target is None else a_target, c)
     _regauge_(B, A)
 
 
@@ -431,6 +433,10 @@ class LoRAPreAdam(Optimizer):
         ``kappa_t = (1 - beta2**(t-1)) / (1 - sqrt(beta2)**(t-1))**2``; ``False``: the
         paper's formula (``kappa_t = 1``). ``False`` elsewhere raises ``ValueError``
         (it would change nothing).
+    factor_update : {"sequential", "simultaneous"}, optional
+        The order of each pair of Newton steps: ``"sequential"`` (default; ``A``'s step
+        uses the new ``B``, which composes to the EMA exactly at full square rank) or
+        ``"simultaneous"`` (both from the old factors, Eq. 12 of the paper as printed).
 
     Notes
     -----
@@ -466,6 +472,7 @@ class LoRAPreAdam(Optimizer):
         current_gradient: Optional[bool] = None,
         update_bound: Union[str, float, None] = "adam",
         history_bias_correction: bool = True,
+        factor_update: str = "sequential",
     ) -> None:
         if current_gradient is None:
             current_gradient = not muon
@@ -474,6 +481,7 @@ class LoRAPreAdam(Optimizer):
             solve_eps=solve_eps, always_factor=always_factor, muon=muon, ns_steps=ns_steps,
             factor_first_moment=factor_first_moment, current_gradient=current_gradient,
             update_bound=update_bound, history_bias_correction=history_bias_correction,
+            factor_update=factor_update,
         )
         self._check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -535,6 +543,10 @@ class LoRAPreAdam(Optimizer):
             isinstance(bound, (int, float)) and not isinstance(bound, bool) and 0.0 < bound <= math.inf
         )):
             raise ValueError(f"Invalid update_bound: {bound!r} (need 'adam', a number > 0 or None)")
+        if group["factor_update"] not in ("sequential", "simultaneous"):
+            raise ValueError(
+                f"Invalid factor_update: {group['factor_update']!r} (need 'sequential' or 'simultaneous')"
+            )
         correction = group["history_bias_correction"]
         if not isinstance(correction, bool):
             raise ValueError(f"Invalid history_bias_correction: {correction!r} (need a bool)")
@@ -636,7 +648,8 @@ class LoRAPreAdam(Optimizer):
                 if "m_B" in state and group["muon"]:
                     m_B, m_A = state["m_B"], state["m_A"]
                     g = grad.reshape(m_B.shape[0], -1)
-                    _newton_pair_(m_B, m_A, g, 1.0 - math.sqrt(beta1), group["solve_eps"])
+                    _newton_pair_(m_B, m_A, g, 1.0 - math.sqrt(beta1), group["solve_eps"],
+                                  group["factor_update"] == "simultaneous")
                     # m = B A with orthonormal rows of A: NS(B A) = NS(B) A.
                     ortho = newton_schulz(m_B, group["ns_steps"]) @ m_A
                     scale = 0.2 * math.sqrt(max(g.shape))
@@ -674,20 +687,21 @@ class LoRAPreAdam(Optimizer):
         beta1, beta2 = group["betas"]
         mode, solve_eps = group["second_moment"], group["solve_eps"]
         current = group["current_gradient"]
+        simultaneous = group["factor_update"] == "simultaneous"
         v_B, v_A = state["v_B"], state["v_A"]
         g = grad.reshape(v_B.shape[0], -1)
         if current:  # the history, read before the factors absorb g_t
             s = v_B @ v_A
             m = state["m_B"] @ state["m_A"] if "m_B" in state else None
         if "m_B" in state:
-            _newton_pair_(state["m_B"], state["m_A"], g, 1.0 - math.sqrt(beta1), solve_eps)
+            _newton_pair_(state["m_B"], state["m_A"], g, 1.0 - math.sqrt(beta1), solve_eps, simultaneous)
             m = m.lerp_(g, 1.0 - beta1) if current else state["m_B"] @ state["m_A"]
         else:  # factor_first_moment=False: Adam's own EMA
             m = state["exp_avg"].lerp_(g, 1.0 - beta1)  # read-only below
         if mode == "abs":
-            _newton_pair_(v_B, v_A, g.abs(), 1.0 - beta2 ** 0.25, solve_eps)
+            _newton_pair_(v_B, v_A, g.abs(), 1.0 - beta2 ** 0.25, solve_eps, simultaneous)
         else:
-            _newton_pair_(v_B, v_A, g * g, 1.0 - math.sqrt(beta2), solve_eps)
+            _newton_pair_(v_B, v_A, g * g, 1.0 - math.sqrt(beta2), solve_eps, simultaneous)
         if current:
             if mode == "abs":
                 s = s.square_()
