@@ -13,7 +13,9 @@ Where things live:
   ``dlrt`` (DLRT) with its gradient ``recorder``, ``lora_pre`` (LoRAPreAdam), the shared
   step loop in ``_base``;
 - ``lowrank_manifolds.testing``: Hypothesis strategies and checks (needs hypothesis);
-- ``lowrank_manifolds.lab``: the integrator lab (test problems and studies).
+- ``lowrank_manifolds.lab``: the integrator lab (test problems and studies);
+- ``lowrank_manifolds.hf``: Hugging Face ``Trainer`` glue (needs the ``hf`` extra; imported
+  only when used).
 """
 from . import integrators, nn, optim
 from .manifold import FixedRankManifold

@@ -630,6 +630,17 @@ class FixedRankManifold(Manifold):
         p, sig, qh = svd_core(core)
         return cat_rows(qa @ p, torch.diag_embed(sig[..., :r]), qb @ mT(qh))
 
+    def dist(self, x: Tensor, y: Tensor, *, keepdim: bool = False) -> Tensor:
+        """Not available: the geodesics of the fixed-rank manifold, hence its Riemannian
+        distance, have no closed form (Vandereycken 2013, Sec. 2). Raises
+        ``NotImplementedError`` saying what to use instead."""
+        raise NotImplementedError(
+            "FixedRankManifold.dist: the Riemannian distance has no closed form (nor do the "
+            "geodesics); for the distance in the embedding, ||X - Y||_F, use "
+            "torch.linalg.matrix_norm(manifold.to_dense(x) - manifold.to_dense(y)) on small matrices, "
+            "or sqrt(||S_x||^2 + ||S_y||^2 - 2 tr(S_x^T (U_x^T U_y) S_y (V_y^T V_x))) from the factors"
+        )
+
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         """The retraction :meth:`retr`: the geodesics of this manifold have no closed
         form, so the exponential map is replaced by the (second-order) retraction."""

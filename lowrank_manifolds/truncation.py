@@ -10,6 +10,8 @@ from torch import Tensor
 from ._args import nonneg
 from ._linalg import core_dtype, mT, svd_core, tmm
 
+__all__ = ["Truncation", "truncation_rank"]
+
 Factors = Tuple[Tensor, Tensor, Tensor]
 
 def _check_rank_bounds(min_rank, max_rank) -> None:

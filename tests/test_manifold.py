@@ -415,3 +415,10 @@ def test_from_dense_and_to_dense_round_trip():
     xr = x.clone().requires_grad_(True)
     mf.to_dense(xr).sum().backward()  # differentiable
     assert xr.grad is not None and xr.grad.shape == x.shape
+
+
+def test_dist_says_what_to_use_instead():
+    mf = FixedRankManifold(6, 5, 2)
+    x, y = mf.random(), mf.random()
+    with pytest.raises(NotImplementedError, match="no closed form.*to_dense"):
+        mf.dist(x, y)
