@@ -35,13 +35,13 @@ from geoopt.manifolds.base import Manifold
 from torch import Tensor
 
 from ._args import check_ambient, positive_int
-from ._linalg import all_finite, cat_rows, is_diagonal, core_dtype, lowrank_svd, mT, pinv_core, qr, qr_positive, safe_reciprocal, solve_core, svd_core, svdvals_core, tmm
+from ._linalg import all_finite, cat_rows, core_dtype, is_diagonal, mT, pinv_core, qr_positive, safe_reciprocal, svd_core, svdvals_core, tmm
+from ._retractions import integrator_retraction, metric_retraction, orthographic_retraction, resolve_retraction
 from .truncation import Truncation
 
 __all__ = ["FixedRankManifold"]
 
 Ambient = Union[Tensor, Tuple[Tensor, Tensor]]
-_RETRACTIONS = ("metric", "orthographic")
 
 
 class FixedRankManifold(Manifold):
@@ -152,24 +152,7 @@ class FixedRankManifold(Manifold):
                 raise ValueError("tol and min_rank set a rank-adaptive truncation: they need max_rank")
             self.truncation = Truncation(0.0, min_rank=rank, max_rank=rank, pad=True)
         self.capacity = max_rank if self.adaptive else rank
-        if isinstance(retraction, str) and retraction not in _RETRACTIONS:
-            from .integrators import INTEGRATORS  # the integrators build on this module
-
-            if retraction not in INTEGRATORS:
-                raise ValueError(
-                    f"retraction must be one of {_RETRACTIONS}, a name of {sorted(INTEGRATORS)} or an "
-                    f"integrator, got {retraction!r}"
-                )
-            retraction = INTEGRATORS[retraction]()
-        if isinstance(retraction, str):
-            if retraction == "orthographic" and self.adaptive:
-                raise ValueError("the orthographic retraction keeps the rank: it cannot be rank-adaptive (max_rank)")
-        elif not callable(getattr(retraction, "step", None)):
-            raise TypeError(
-                "retraction must be 'metric', 'orthographic' or an integrator with a "
-                f"step(U, S, V, field, h) method, got {type(retraction).__name__}"
-            )
-        self.retraction = retraction
+        self.retraction = resolve_retraction(retraction, self.adaptive)
 
     @property
     def packed_shape(self) -> Tuple[int, int]:
@@ -572,63 +555,10 @@ class FixedRankManifold(Manifold):
         self._check_packed(u, "u")
         self._check_compatible(x, u=u)
         if self.retraction == "orthographic":
-            return self._retr_orthographic(x, u)
+            return orthographic_retraction(self, x, u)
         if self.retraction == "metric":
-            return self._retr_metric(x, u)
-        return self._retr_integrator(x, u)
-
-    def _retr_metric(self, x: Tensor, u: Tensor) -> Tensor:
-        ux, s, vx = self.unpack(x)
-        up, mm, vp = self.unpack(u)
-        r = self.capacity
-        batch = torch.broadcast_shapes(x.shape[:-2], u.shape[:-2])
-        left = torch.cat([ux.expand(*batch, -1, -1), up.expand(*batch, -1, -1)], -1)
-        right = torch.cat([vx.expand(*batch, -1, -1), vp.expand(*batch, -1, -1)], -1)
-        eye = torch.eye(r, dtype=s.dtype, device=s.device).expand(*batch, r, r)
-        mid = torch.cat([torch.cat([(s + mm).expand(*batch, r, r), eye], -1),
-                         torch.cat([eye, torch.zeros_like(eye)], -1)], -2)
-        # SVD of X + xi = [U, Up] [[S + M, I], [I, 0]] [V, Vp]^T from QRs of [U, Up], [V, Vp]
-        # and the 2r x 2r core; its backward is the factored derivative of the SVD of X + xi
-        # (lowrank_svd), finite at a zero tangent vector and with the zero padding.
-        uw, sig, vw = lowrank_svd(left, mid, right, r)
-        # keep the rank (fixed, or chosen by tolerance within the capacity)
-        return cat_rows(*self.truncation.from_svd(uw, sig, vw))
-
-    def _retr_integrator(self, x: Tensor, u: Tensor) -> Tensor:
-        u = self.proju(x, u)
-        ux, s, vx = self.unpack(x)
-        up, mm, vp = self.unpack(u)
-        # the tangent vector as the ambient pair A B^T, A = [U M + Up, U], B = [V, Vp]
-        field = (torch.cat([ux @ mm + up, ux.expand_as(up)], -1), torch.cat([vx.expand_as(vp), vp], -1))
-        if self.adaptive:
-            # Integrators expect orthonormal bases: complete the zero columns to an
-            # orthonormal basis (S stays zero there, so X is unchanged). With zero columns,
-            # a QR of [U0, K1] would leave arbitrary directions inside the "old" basis and
-            # lose the components of K1 along them (parallel BUG's U~ = last columns).
-            ux, vx = self._complete_basis(ux), self._complete_basis(vx)
-        integrator = self.retraction
-        if getattr(integrator, "rank_adaptive", False):
-            factors = integrator.augmented_step(ux, s, vx, field, 1.0)
-        else:
-            factors = integrator.step(ux, s, vx, field, 1.0)
-        return cat_rows(*self.truncation(*factors))
-
-    def _complete_basis(self, u: Tensor) -> Tensor:
-        """Fill the inactive (zero) columns with an orthonormal completion."""
-        q, _ = qr_positive(u)
-        return u + q * (1 - self.active_mask(u)).unsqueeze(-2)
-
-    def _retr_orthographic(self, x: Tensor, u: Tensor) -> Tensor:
-        u = self.proju(x, u)
-        ux, s, vx = self.unpack(x)
-        up, mm, vp = self.unpack(u)
-        r = self.capacity
-        sm = s + mm
-        qa, ra = qr(ux @ sm + up)  # (X + xi) V
-        qb, rb = qr(vx @ mT(sm) + vp)  # (X + xi)^T U
-        core = ra @ solve_core(sm, mT(rb))  # the r x r solve in float64, as the core SVD
-        p, sig, qh = svd_core(core)
-        return cat_rows(qa @ p, torch.diag_embed(sig[..., :r]), qb @ mT(qh))
+            return metric_retraction(self, x, u)
+        return integrator_retraction(self, x, u)
 
     def dist(self, x: Tensor, y: Tensor, *, keepdim: bool = False) -> Tensor:
         """Not available: the geodesics of the fixed-rank manifold, hence its Riemannian

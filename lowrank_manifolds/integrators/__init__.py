@@ -22,8 +22,9 @@ low-rank matrices, from :math:`Y_0 = U_0 S_0 V_0^\top`::
 """
 from __future__ import annotations
 
-from typing import Dict, Type, Union
+from typing import Union
 
+from .._retractions import INTEGRATORS
 from ..truncation import Truncation, truncation_rank
 from .base import Integrator, RankAdaptiveIntegrator
 from .baselines import NaiveEuler, RetractionStep
@@ -53,15 +54,16 @@ __all__ = [
     "get_integrator",
 ]
 
-#: The integrators by name (the names the docs and the lab use, lower case).
-INTEGRATORS: Dict[str, Type[Integrator]] = {
+#: The integrators by name (the names the docs and the lab use, lower case). The dictionary is
+#: the one the manifold reads a ``retraction=`` name from.
+INTEGRATORS.update({
     "ksl": KSL,
     "bug": BUG,
     "augmented-bug": AugmentedBUG,
     "parallel-bug": ParallelBUG,
     "abc-psi": ABCPSI,
     "naive-euler": NaiveEuler,
-}
+})
 
 
 def get_integrator(integrator: Union[str, Integrator]) -> Integrator:
