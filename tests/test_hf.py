@@ -192,7 +192,7 @@ def test_adapters_alone_save_and_load_bit_identically(build, targets, tmp_path):
         [n for n, p in model.named_parameters() if p.requires_grad]
     other = build(seed=1)  # another base: refused before anything changes, by its fingerprint
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="base weight is not the one"):
+    with pytest.raises(ValueError, match="base layer is not the one"):
         load_lowrank(other, tmp_path)
     assert other.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
@@ -225,7 +225,7 @@ def test_adapters_without_a_recorded_initial_correction_load_bit_identically(how
         assert all(k.endswith(".delta") for k in keys) and len(keys) == 2
     assert torch.equal(logits(load_lowrank(llama(), tmp_path), x), out)
     if how != "direct":  # the untouched base is fingerprinted too
-        with pytest.raises(ValueError, match="base weight is not the one"):
+        with pytest.raises(ValueError, match="base layer is not the one"):
             load_lowrank(llama(seed=1), tmp_path)
 
 
@@ -258,8 +258,9 @@ def test_convolution_state_save_and_load(tmp_path):
         return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2), nn.Flatten())
 
     model = convert_to_low_rank(build(), rank=4, max_rank=6, tol=0.05)
-    with torch.no_grad():
-        model[2].weight.mul_(torch.linspace(0.5, 1.5, model[2].weight.shape[0]).unsqueeze(-1))
+    with torch.no_grad():  # another point than the fresh model's: its S scaled column by column
+        s = model[2].manifold.unpack(model[2].weight)[1]
+        s.mul_(torch.linspace(0.5, 1.5, s.shape[-1]))
     x = torch.randn(2, 3, 9, 9)
     save_lowrank(model, tmp_path)
     fresh = load_lowrank(build(), tmp_path)

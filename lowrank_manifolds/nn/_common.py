@@ -1,7 +1,8 @@
 """What the low-rank layers share: argument checks, factor helpers, the manifold-holding module base."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import geoopt
 import torch
@@ -12,6 +13,18 @@ from .._linalg import mT, qr_positive
 from ..manifold import FixedRankManifold
 from ..truncation import truncation_rank
 
+
+@contextlib.contextmanager
+def requires_grad_restored_on_error(module: nn.Module) -> Iterator[None]:
+    """Restore every parameter's ``requires_grad`` flag if the block raises: the model
+    surgeries build their new layers aside, but an adapter freezes its base when built."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def check_rank(rank, m: int, n: int, what: str) -> int:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._args import deprecated, nonneg, positive_int
-from ._common import is_lowrank_layer, select_rank
+from ._common import is_lowrank_layer, requires_grad_restored_on_error, select_rank
 from .adapter import LowRankAdapterLinear
 from .layers import LowRankConv2d, LowRankLinear
 from .registry import linear_kind, origin_type, registered_linear_types, restore_layer, set_origin_type, type_name
@@ -87,10 +87,8 @@ class _Recorder:
         self.skipped.append(LayerSkip(qual, type_name(type(child)), reason))
 
     def change(self, qual: str, child: nn.Module, new: nn.Module, action: str) -> None:
-        mf = new.manifold
-        point = new.delta if action == "adapter" else new.weight
-        rank = mf.rank if not mf.adaptive else int(mf.active_rank(point.detach()))
-        self.changed.append(LayerChange(qual, type_name(type(child)), action, (mf.m, mf.n), rank, mf.capacity,
+        mf = new.manifold  # a new layer's point has rank mf.rank (no read: meta tensors have no values)
+        self.changed.append(LayerChange(qual, type_name(type(child)), action, (mf.m, mf.n), mf.rank, mf.capacity,
                                         _stored(child), _stored(new)))
 
     def result(self, module: nn.Module) -> SurgeryReport:
@@ -104,26 +102,37 @@ def _check_second_moment(second_moment) -> None:
         raise ValueError(f"second_moment must be 'scalar' or 'rows', got {second_moment!r}")
 
 
-def _replace(module: nn.Module, fn, descend_into_ours: bool = False) -> nn.Module:
-    """Apply ``fn(qualname, child) -> new or None`` to every submodule (pre-order),
-    replacing a child when ``fn`` returns a module; replaced subtrees and (unless
-    ``descend_into_ours``) this module's own layers are not descended into."""
+def _replace(module: nn.Module, fn) -> nn.Module:
+    """Apply ``fn(qualname, child, pending) -> new or None`` to every submodule (pre-order),
+    replacing a child when ``fn`` returns a module; replaced subtrees and this library's own
+    layers are not descended into.
+
+    All or nothing: every ``fn`` runs (and may raise) before the model is changed; ``fn``
+    leaves the user's tensors alone and appends to ``pending`` the writes to them that it
+    needs (thunks run after the walk, before the swap: they do not fail on valid input). If
+    anything raises, the model is as it was, ``requires_grad`` flags included (the adapters'
+    constructor freezes its base)."""
+    swaps: List[Tuple[nn.Module, str, nn.Module]] = []
+    pending: List = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             qual = f"{prefix}.{name}" if prefix else name
-            new = fn(qual, child)
+            new = fn(qual, child, pending)
             if new is not None:
-                setattr(parent, name, new)
-            elif descend_into_ours or not is_lowrank_layer(child):
+                swaps.append((parent, name, new))
+            elif not is_lowrank_layer(child):
                 visit(child, qual)
 
-    root = fn("", module)
-    if root is not None:
-        return root
-    if not is_lowrank_layer(module):
-        visit(module, "")
-    return module
+    with requires_grad_restored_on_error(module):
+        root = fn("", module, pending)
+        if root is None and not is_lowrank_layer(module):
+            visit(module, "")
+    for write in pending:
+        write()
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
+    return module if root is None else root
 
 
 def _matrix_shape(layer: nn.Module) -> Tuple[int, int]:
@@ -263,7 +272,7 @@ def convert_to_low_rank(
     owners = _owners(module)
     rec = _Recorder(module)
 
-    def convert(qual: str, child: nn.Module):
+    def convert(qual: str, child: nn.Module, pending: list):
         found = _candidate(qual, child, include, exclude, owners, rec)
         if found is None:
             return None
@@ -369,7 +378,7 @@ def add_adapters(
     owners = _owners(module)
     rec = _Recorder(module)
 
-    def wrap(qual: str, child: nn.Module):
+    def wrap(qual: str, child: nn.Module, pending: list):
         found = _candidate(qual, child, include, exclude, owners, rec) if type(child) is not nn.Conv2d else None
         if found is None:
             if type(child) is nn.Conv2d:
@@ -384,8 +393,8 @@ def add_adapters(
         new = LowRankAdapterLinear(base, rank, max_rank=cap, tol=tol, init_scale=init_scale, exact_init=False,
                                    second_moment=second_moment)
         record_initial_correction(new, folded=exact_init)
-        if exact_init:
-            fold_initial_correction(new)
+        if exact_init:  # writes the user's weight: after every layer is built
+            pending.append(lambda: fold_initial_correction(new))
         set_origin_type(new, type(child))
         new.train(child.training)
         rec.change(qual, child, new, "adapter")
@@ -418,7 +427,7 @@ def export_dense(module: nn.Module, factored: bool = False) -> nn.Module:
     ``module`` is itself such a layer).
     """
 
-    def export(qual: str, child: nn.Module):
+    def export(qual: str, child: nn.Module, pending: list):
         if isinstance(child, LowRankLinear):
             if factored:
                 return child.to_factored()

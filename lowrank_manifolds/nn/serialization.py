@@ -31,11 +31,11 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple, Union
 
-import geoopt
 import torch
 from torch import Tensor, nn
 
-from ._common import active_rank_int, is_lowrank_layer
+from ..integrators import INTEGRATORS
+from ._common import active_rank_int, is_lowrank_layer, requires_grad_restored_on_error
 from .adapter import LowRankAdapterLinear
 from .layers import LowRankConv2d, LowRankLinear
 from .registry import linear_kind, origin_type, set_origin_type, type_name
@@ -80,39 +80,67 @@ def fold_initial_correction(adapter: LowRankAdapterLinear) -> None:
 _PROBES = 4
 
 
-def _base_probes(weight: Tensor, correction=None) -> Tuple[list, float]:
-    r"""``([a_k^T W_0 b_k], scale)`` in float64 for ``_PROBES`` fixed random unit vectors ``a_k``,
-    ``b_k`` (seeded by the shape: the same at saving and loading), where :math:`W_0` is
-    ``weight`` plus the folded correction ``(U, S, V)`` if given (applied in factored form), and
-    ``scale`` bounds :math:`\|W_0\|_F`. Two bases that differ by ``E`` differ in a probe by about
-    :math:`\|E\|_F / \sqrt{mn}`; rounding moves one by a few ``eps * scale``. One pass over the
-    weight, at saving and loading only."""
+def _base_fingerprint(weight: Tensor, bias: Optional[Tensor], correction=None) -> Dict[str, Any]:
+    r"""The fingerprint of a base layer :math:`(W_0, b_0)`, in float64:
+
+    - ``base_probes``: :math:`a_k^\top W_0 b_k` for ``_PROBES`` fixed random unit vectors
+      ``a_k``, ``b_k`` (seeded by the shape: the same at saving and loading);
+    - ``base_norm``: :math:`\|W_0\|_F`;
+    - with a bias, ``bias_probes`` :math:`c_k^\top b_0` and ``bias_norm`` :math:`\|b_0\|`.
+
+    :math:`W_0` is ``weight`` plus the folded correction ``(U, S, V)`` if given, applied in
+    factored form: :math:`a^\top (W + USV^\top) b = a^\top W b + (a^\top U) S (V^\top b)` and
+    :math:`\|W + USV^\top\|_F^2 = \|W\|_F^2 + 2\,\langle S, U^\top W V\rangle + \|S\|_F^2`
+    (orthonormal active columns, zero inactive ones). One pass over the weight, at saving and
+    loading only."""
     m, n = weight.shape
     g = torch.Generator().manual_seed(m * 1_000_003 + n)
     a = torch.randn(m, _PROBES, generator=g, dtype=torch.float64)
     b = torch.randn(n, _PROBES, generator=g, dtype=torch.float64)
-    a, b = ((t / t.norm(dim=0)).to(weight.device) for t in (a, b))
+    c = torch.randn(m, _PROBES, generator=g, dtype=torch.float64)  # drawn after a, b: old files agree
+    a, b, c = ((t / t.norm(dim=0)).to(weight.device) for t in (a, b, c))
     w = weight.detach().to(torch.float64)
-    probes, scale = (a * (w @ b)).sum(0), w.norm()
+    probes, sq = (a * (w @ b)).sum(0), (w * w).sum()
     if correction is not None:
         u, s, v = (t.detach().to(torch.float64) for t in correction)
         probes = probes + ((a.T @ u) @ s * (b.T @ v)).sum(-1)
-        scale = scale + s.norm()
-    return probes.tolist(), float(scale)
+        sq = sq + 2 * (s * (u.T @ (w @ v))).sum() + (s * s).sum()
+    out = {"base_probes": probes.tolist(), "base_norm": float(sq.clamp(min=0).sqrt())}
+    if bias is not None:
+        bias = bias.detach().to(torch.float64)
+        out["bias_probes"], out["bias_norm"] = (bias @ c).tolist(), float(bias.norm())
+    return out
 
 
-def _check_base(name: str, spec: Dict[str, Any], weight: Tensor) -> None:
-    """Raise if the base weight of an adapter's layer is not the one it was saved with (to
-    ``32 eps`` of its dtype, relative to its norm: bit-identical bases pass on any device)."""
+def _check_base(name: str, spec: Dict[str, Any], weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Raise if the base layer of an adapter is not the one it was saved with: every saved probe
+    and norm must agree to ``32 eps`` of the weight's dtype times the larger norm (rounding moves
+    a probe by a few ``eps`` times the norm: bit-identical bases pass on any device). Files
+    written before the norms and the bias were fingerprinted are checked on what they hold."""
     if "base_probes" not in spec:  # a file written before the fingerprint
         return
-    got, scale = _base_probes(weight)
-    tol = 32 * torch.finfo(weight.dtype).eps * max(scale, spec["base_scale"])
-    if any(abs(x - y) > tol for x, y in zip(got, spec["base_probes"])):
+    got = _base_fingerprint(weight, bias)
+    eps = 32 * torch.finfo(weight.dtype).eps
+    scale = eps * max(got["base_norm"], spec.get("base_norm", spec.get("base_scale", 0.0)))
+    bad = [f"probe {k}" for k, (x, y) in enumerate(zip(got["base_probes"], spec["base_probes"]))
+           if abs(x - y) > scale]
+    if "base_norm" in spec and abs(got["base_norm"] - spec["base_norm"]) > scale:
+        bad.append(f"weight norm {got['base_norm']:.9g}, saved {spec['base_norm']:.9g}")
+    if "bias_norm" in spec:
+        if bias is None:
+            bad.append("the saved base had a bias, the model's has none")
+        else:
+            tol = eps * max(got["bias_norm"], spec["bias_norm"])
+            if abs(got["bias_norm"] - spec["bias_norm"]) > tol or any(
+                    abs(x - y) > tol for x, y in zip(got["bias_probes"], spec["bias_probes"])):
+                bad.append(f"bias (norm {got['bias_norm']:.9g}, saved {spec['bias_norm']:.9g})")
+    elif "base_norm" in spec and bias is not None:
+        bad.append("the saved base had no bias, the model's has one")
+    if bad:
         raise ValueError(
-            f"{name}: the model's base weight is not the one these adapters were trained on (its "
-            "fingerprint differs): load them into the same pretrained base model, or pass "
-            "check_base=False to load them anyway")
+            f"{name}: the model's base layer is not the one these adapters were trained on (its "
+            f"fingerprint differs: {'; '.join(bad)}): load them into the same pretrained base model, or "
+            "pass check_base=False to load them anyway")
 
 
 # ------------------------------------------------------------------ saving
@@ -126,10 +154,16 @@ def _truncation(mf) -> Dict[str, Any]:
 
 
 def _retraction_name(mf) -> str:
-    if not isinstance(mf.retraction, str):
-        raise TypeError("a layer whose manifold retracts with an integrator instance cannot be saved: "
-                        "its retraction is not a name")
-    return mf.retraction
+    """The name the manifold's retraction is rebuilt from: ``"metric"``, ``"orthographic"``, or
+    the name of an integrator with its default options (as a name given to a layer makes it)."""
+    if isinstance(mf.retraction, str):
+        return mf.retraction
+    for name, cls in INTEGRATORS.items():
+        if type(mf.retraction) is cls and vars(mf.retraction) == vars(cls()):
+            return name
+    raise TypeError(f"a layer whose manifold retracts with {mf.retraction!r} cannot be saved: the file "
+                    "records a retraction by name, and this integrator is not one of "
+                    f"{sorted(INTEGRATORS)} with its default options")
 
 
 def _layer_spec(layer: nn.Module) -> Dict[str, Any]:
@@ -182,8 +216,8 @@ def lowrank_state_dict(model: nn.Module, extra: str = "trainable") -> Tuple[Dict
             spec["bias"] = layer.base.bias is not None
             spec["init_scale"] = layer.init_scale
             if init is not None or untouched:  # the base is not saved: its fingerprint is
-                spec["base_probes"], spec["base_scale"] = _base_probes(
-                    layer.base.weight, None if untouched else layer.manifold.unpack(init))
+                spec.update(_base_fingerprint(layer.base.weight, layer.base.bias,
+                                              None if untouched else layer.manifold.unpack(init)))
             if init is not None:
                 tensors[pre + _INIT] = _plain(init)
             elif not untouched:
@@ -241,6 +275,69 @@ def _file(path, create: bool = False) -> str:
 
 
 # ------------------------------------------------------------------ loading
+# The metadata a layer's spec must hold, with their JSON types (a hand-edited or corrupt file
+# is refused by name before anything is built).
+_SPEC_KEYS = {"class": str, "origin": str, "m": int, "n": int, "rank": int, "capacity": int,
+              "adaptive": bool, "active_rank": int, "retraction": str, "bias": bool}
+_ADAPTER_KEYS = {"init": str, "init_scale": (int, float)}
+_CLASSES = ("LowRankLinear", "LowRankConv2d", "LowRankAdapterLinear")
+
+
+def _check_spec_types(name: str, spec: Any) -> None:
+    if not isinstance(spec, dict):
+        raise ValueError(f"{name}: the saved layer's metadata is a {type(spec).__name__}, not a mapping")
+    if spec.get("class") not in _CLASSES:
+        raise ValueError(f"{name}: unknown saved layer class {spec.get('class')!r} (one of {_CLASSES})")
+    need = dict(_SPEC_KEYS, **(_ADAPTER_KEYS if spec["class"] == "LowRankAdapterLinear" else {}))
+    if spec["adaptive"] if isinstance(spec.get("adaptive"), bool) else False:
+        need.update(tol=(int, float), relative=bool, min_rank=int)
+    for key, kind in need.items():
+        value = spec.get(key)
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{name}: the saved metadata {key!r} must be of type "
+                             f"{getattr(kind, '__name__', kind)}, got {value!r}")
+    if spec["class"] == "LowRankAdapterLinear" and spec["init"] not in ("delta_init", "none", "base"):
+        raise ValueError(f"{name}: unknown saved initial correction {spec['init']!r}")
+
+
+def _take(tensors: Dict[str, Tensor], key: str, like: Tensor, name: str) -> Tensor:
+    """The saved tensor ``key`` (removed from ``tensors``), checked to fit ``like`` and finite
+    (as the layers' constructors require of a dense weight)."""
+    if key not in tensors:
+        raise KeyError(f"{name}: the file has no tensor {key!r}")
+    t = tensors.pop(key)
+    if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+        raise TypeError(f"{name}: the saved {key!r} must be a floating tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != tuple(like.shape):
+        raise ValueError(f"{name}: the saved {key!r} has shape {tuple(t.shape)}, the layer's is {tuple(like.shape)}")
+    t = t.to(dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(t).all()):  # one host read per tensor, at loading only
+        raise ValueError(f"{name}: the saved {key!r} contains non-finite values (nan or inf)")
+    return t
+
+
+def point_tolerance(dtype: torch.dtype) -> float:
+    """The tolerance a loaded point's bases are checked to (``U^T U`` against the identity of
+    its active columns, absolute and relative, as ``torch.allclose``): ``max(1e-5, 100 eps)``,
+    a hundred times the rounding of a basis kept orthonormal by the retractions' QRs."""
+    return max(1e-5, 100 * torch.finfo(dtype).eps)
+
+
+def _checked_point(name: str, key: str, saved: Tensor, mf, active_rank: Optional[int]) -> Tensor:
+    """``saved`` if it is a valid point of ``mf`` (finite, orthonormal bases, active columns
+    first, inactive block exactly zero, active ``S`` nonsingular) of the saved active rank."""
+    tol = point_tolerance(saved.dtype)
+    ok, why = mf.check_point_on_manifold(saved, explain=True, atol=tol, rtol=tol)
+    if not ok:
+        raise ValueError(f"{name}: the saved {key!r} is not a point of its manifold: {why}")
+    if active_rank is not None and active_rank_int(mf, saved) != active_rank:
+        raise ValueError(f"{name}: the saved {key!r} has active rank {active_rank_int(mf, saved)}, "
+                         f"the metadata says {active_rank}")
+    return saved
+
+
 def _build_lowrank(spec: Dict[str, Any], dense: nn.Module, name: str) -> nn.Module:
     kw = dict(max_rank=spec["capacity"] if spec["adaptive"] else None, tol=spec.get("tol", 0.0),
               retraction=spec["retraction"], second_moment=spec.get("second_moment", "scalar"))
@@ -274,11 +371,9 @@ def _linear_shape(dense: nn.Module, kind) -> Tuple[int, int]:
     return lin.out_features, lin.in_features
 
 
-def _build_adapter(spec: Dict[str, Any], dense: nn.Module, name: str) -> LowRankAdapterLinear:
-    kind = linear_kind(dense)
-    if kind is None:
-        raise TypeError(f"{name}: {type(dense).__name__} is not a registered linear type")
-    base = kind.to_linear(dense)
+def _build_adapter(spec: Dict[str, Any], base: nn.Linear, dense: nn.Module) -> LowRankAdapterLinear:
+    """The adapter around ``base`` (``dense`` read as an ``nn.Linear``; for an ``nn.Linear``,
+    ``dense`` itself, which the constructor freezes and leaves otherwise unchanged)."""
     adapter = LowRankAdapterLinear(base, spec["rank"], max_rank=spec["capacity"] if spec["adaptive"] else None,
                                    tol=spec.get("tol", 0.0), init_scale=spec["init_scale"], exact_init=False,
                                    second_moment=spec.get("second_moment", "scalar"))
@@ -294,16 +389,77 @@ def _check_spec(name: str, spec: Dict[str, Any], layer: nn.Module, dense: nn.Mod
     mf = layer.manifold
     if (mf.m, mf.n) != (spec["m"], spec["n"]):
         raise ValueError(f"{name}: saved for a {spec['m']} x {spec['n']} weight, the model's is {mf.m} x {mf.n}")
+    if mf.capacity != spec["capacity"]:
+        raise ValueError(f"{name}: saved with capacity {spec['capacity']}, rebuilt with {mf.capacity}")
     if mf.adaptive and _truncation(mf) != {k: spec[k] for k in ("tol", "relative", "min_rank")}:
         raise ValueError(f"{name}: the saved truncation policy {spec} cannot be rebuilt by the layer "
                          "constructors (non-default relative/min_rank)")
 
 
-def _copy_point(param: geoopt.ManifoldParameter, saved: Tensor, name: str) -> None:
-    if tuple(saved.shape) != tuple(param.shape):
-        raise ValueError(f"{name}: saved point of shape {tuple(saved.shape)}, the layer's is {tuple(param.shape)}")
-    with torch.no_grad():
-        param.copy_(saved)
+def _plan(model: nn.Module, name: str, spec: Dict[str, Any], tensors: Dict[str, Tensor], check_base: bool):
+    """``(new layer, writes)``: the layer saved at ``name``, built aside with its saved tensors,
+    and the writes to the model's own tensors it needs (run once every layer is planned)."""
+    try:
+        dense = model.get_submodule(name)
+    except AttributeError:
+        raise KeyError(f"{name}: the model has no module of that name") from None
+    pre = name + "."
+    writes = []
+    if spec["class"] == "LowRankAdapterLinear":
+        kind = linear_kind(dense)
+        if kind is None:
+            raise TypeError(f"{name}: {type(dense).__name__} is not a registered linear type")
+        base = kind.to_linear(dense)
+        if check_base and spec["init"] != "base":
+            _check_base(name, spec, base.weight, base.bias)
+        if (base.bias is not None) != spec["bias"]:
+            raise ValueError(f"{name}: saved {'with' if spec['bias'] else 'without'} a base bias, the model's "
+                             f"layer has {'one' if base.bias is not None else 'none'}")
+        layer = _build_adapter(spec, base, dense)
+        _check_spec(name, spec, layer, dense)
+        mf = layer.manifold
+        with torch.no_grad():
+            if spec["init"] == "delta_init":
+                layer.delta.copy_(_checked_point(name, pre + _INIT, _take(tensors, pre + _INIT, layer.delta, name),
+                                                 mf, None))
+                record_initial_correction(layer)
+                writes.append(lambda: fold_initial_correction(layer))
+            elif spec["init"] == "none":
+                record_initial_correction(layer, folded=False)
+            else:
+                weight = _take(tensors, pre + "base.weight", layer.base.weight, name)
+                bias = None if base.bias is None else _take(tensors, pre + "base.bias", layer.base.bias, name)
+
+                def write_base(layer=layer, weight=weight, bias=bias):
+                    layer.base.weight.copy_(weight)
+                    if bias is not None:
+                        layer.base.bias.copy_(bias)
+
+                writes.append(write_base)
+            delta = _take(tensors, pre + "delta", layer.delta, name)
+            layer.delta.copy_(_checked_point(name, pre + "delta", delta, mf, spec["active_rank"]))
+    else:
+        layer = _build_lowrank(spec, dense, name)
+        _check_spec(name, spec, layer, dense)
+        with torch.no_grad():
+            weight = _take(tensors, pre + "weight", layer.weight, name)
+            layer.weight.copy_(_checked_point(name, pre + "weight", weight, layer.manifold, spec["active_rank"]))
+            if layer.bias is not None:
+                layer.bias.copy_(_take(tensors, pre + "bias", layer.bias, name))
+    return layer, writes
+
+
+def _check_rest(model: nn.Module, rest: Dict[str, Tensor], replaced) -> None:
+    """The entries of the file outside the saved layers must be entries of the model of the
+    same shape (``load_state_dict`` would raise after copying the earlier ones)."""
+    own = model.state_dict(keep_vars=True)
+    for key, t in rest.items():
+        target = own.get(key)
+        if target is None or any(key.startswith(n + ".") for n in replaced):
+            raise KeyError(f"the file holds {key!r}, an entry the model does not have")
+        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(target.shape):
+            raise ValueError(f"{key}: saved with shape {tuple(getattr(t, 'shape', ()))}, the model's is "
+                             f"{tuple(target.shape)}")
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -316,63 +472,47 @@ def load_lowrank_state_dict(model: nn.Module, tensors: Dict[str, Tensor], metada
                             freeze: Optional[bool] = None, check_base: bool = True) -> nn.Module:
     """Rebuild the saved layers in the fresh ``model`` (in place) and copy the saved tensors.
 
+    All or nothing: every layer is rebuilt aside and every saved tensor checked first (its
+    presence, shape and dtype; each saved point is a point of its manifold, see
+    :func:`point_tolerance`; the metadata's keys and types; every other entry is one of the
+    model's, of its shape; the base fingerprints): on any error the model is exactly as before
+    (module types, tensors, ``requires_grad``) and the error names the layer or entry. Only then
+    are the base weights written and the layers swapped in.
+
     ``freeze``: with adapters in the file, freeze every other parameter (as
     :func:`~lowrank_manifolds.nn.add_adapters` does); default: when the file holds adapters and no
     other trainable entries. ``check_base``: for adapters whose base weights are not in the file,
-    compare the fresh model's base with the fingerprint saved with them (a few fixed random
-    projections and the norm, after the initial correction is folded in as at wrapping time) and
-    raise ``ValueError`` before the model is changed if it differs; exact for float32/float64
-    bases, to their precision for half-precision ones. Returns ``model``."""
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"not a low-rank state of this library (format {metadata.get('format')!r})")
-    tensors = dict(tensors)
-    has_adapters = False
-    if check_base:  # all of them before anything is changed
-        for name, spec in metadata["layers"].items():
-            if spec["class"] == "LowRankAdapterLinear" and name:
-                dense = model.get_submodule(name)
-                kind = linear_kind(dense)
-                if kind is not None:
-                    _check_base(name, spec, kind.to_linear(dense).weight)
-    for name, spec in metadata["layers"].items():
+    compare the fresh model's base layer with the fingerprint saved with them (a few fixed random
+    projections and the norm of the weight, the same of the bias, after the initial correction is
+    folded in as at wrapping time) and raise ``ValueError`` if it differs. It detects a different
+    checkpoint, a different seed, a changed bias, any change that moves a probe or a norm by more
+    than ``32 eps`` of the norm; it cannot detect a change that keeps both norms and is
+    orthogonal to the probes (a change that small against rounding, or built for it). Returns
+    ``model``."""
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        got = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+        raise ValueError(f"not a low-rank state of this library (format {got!r})")
+    layers = metadata.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"the saved metadata 'layers' must be a mapping, got {type(layers).__name__}")
+    for name, spec in layers.items():
         if not name:
             raise ValueError("the saved model was itself one layer: load it with load_state_dict")
-        dense = model.get_submodule(name)
-        pre = name + "."
-        if spec["class"] == "LowRankAdapterLinear":
-            has_adapters = True
-            layer = _build_adapter(spec, dense, name)
-            _check_spec(name, spec, layer, dense)
-            if spec["init"] == "delta_init":
-                init = tensors.pop(pre + _INIT)
-                _copy_point(layer.delta, init, name)
-                record_initial_correction(layer)
-                fold_initial_correction(layer)
-            elif spec["init"] == "none":
-                record_initial_correction(layer, folded=False)
-            else:
-                with torch.no_grad():
-                    layer.base.weight.copy_(tensors.pop(pre + "base.weight"))
-                    if layer.base.bias is not None:
-                        layer.base.bias.copy_(tensors.pop(pre + "base.bias"))
-            _copy_point(layer.delta, tensors.pop(pre + "delta"), name)
-        else:
-            layer = _build_lowrank(spec, dense, name)
-            _check_spec(name, spec, layer, dense)
-            _copy_point(layer.weight, tensors.pop(pre + "weight"), name)
-            if layer.bias is not None:
-                with torch.no_grad():
-                    layer.bias.copy_(tensors.pop(pre + "bias"))
-        got = active_rank_int(layer.manifold, layer.delta if spec["class"] == "LowRankAdapterLinear" else layer.weight)
-        if got != spec["active_rank"]:
-            raise ValueError(f"{name}: the loaded point has active rank {got}, saved with {spec['active_rank']}")
+        _check_spec_types(name, spec)
+    rest = dict(tensors)
+    with requires_grad_restored_on_error(model):
+        planned = [(name, *_plan(model, name, spec, rest, check_base)) for name, spec in layers.items()]
+        _check_rest(model, rest, layers)
+    for _, _, writes in planned:
+        for write in writes:
+            write()
+    for name, layer, _ in planned:
         _set_child(model, name, layer)
-    if tensors:
-        result = model.load_state_dict(tensors, strict=False)
-        if result.unexpected_keys:
-            raise KeyError(f"entries of the file the model does not have: {result.unexpected_keys[:8]}")
+    if rest:
+        model.load_state_dict(rest, strict=False)
+    has_adapters = any(isinstance(layer, LowRankAdapterLinear) for _, layer, _ in planned)
     if freeze is None:
-        freeze = has_adapters and not tensors
+        freeze = has_adapters and not rest
     if freeze:
         deltas = {id(m.delta) for m in model.modules() if isinstance(m, LowRankAdapterLinear)}
         for p in model.parameters():
@@ -387,16 +527,22 @@ def load_lowrank(model: nn.Module, path: Union[str, os.PathLike], freeze: Option
 
     ``device``: where the tensors are read to (default: the CPU; they are copied into the
     model's layers, which keep the device and dtype of the model's dense layers). ``freeze``,
-    ``check_base``: as :func:`load_lowrank_state_dict` (by default a model whose base weights are
-    not those the adapters were saved with is refused, unchanged)."""
+    ``check_base``: as :func:`load_lowrank_state_dict`, which also says what is checked before the
+    model is changed (a file that does not pass leaves it unchanged)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = _file(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no low-rank state at {path} (save_lowrank writes a .safetensors file, or "
+                                "lowrank.safetensors in a folder)")
     with safe_open(path, framework="pt") as f:
         header = f.metadata() or {}
     if _META_KEY not in header:
         raise ValueError(f"{path} holds no low-rank state of this library")
+    try:
+        metadata = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the low-rank metadata is not valid JSON ({err})") from None
     tensors = load_file(path, device=str(device) if device is not None else "cpu")
-    return load_lowrank_state_dict(model, tensors, json.loads(header[_META_KEY]), freeze=freeze,
-                                   check_base=check_base)
+    return load_lowrank_state_dict(model, tensors, metadata, freeze=freeze, check_base=check_base)
