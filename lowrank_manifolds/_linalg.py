@@ -74,13 +74,25 @@ class _SafeQR(torch.autograd.Function):
         return torch.cat([gx, q @ gr[..., m:]], dim=-1)
 
 
+def factor_dtype(a: Tensor) -> torch.dtype:
+    """The dtype the tall factorisations (QRs of the bases, SVDs of dense weights) of ``a`` run
+    in: float32 for float16 and bfloat16, which LAPACK and cuSOLVER do not factorise (the
+    results are rounded back; half precision keeps its storage and products), else ``a``'s."""
+    return torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+
+
 def qr(a: Tensor) -> Tuple[Tensor, Tensor]:
-    """Reduced QR of ``a`` (m x k), in the dtype of ``a``.
+    """Reduced QR of ``a`` (m x k), in the dtype of ``a`` (computed in float32 for half
+    precision, :func:`factor_dtype`).
 
     The forward is ``torch.linalg.qr``; under autograd the backward is
     :func:`_qr_backward_safe`, which stays finite when ``a`` is rank deficient (torch's
     own divides by the zero diagonal of ``R``: NaN).
     """
+    work = factor_dtype(a)
+    if work != a.dtype:
+        q, r = qr(a.to(work))
+        return q.to(a.dtype), r.to(a.dtype)
     if torch.is_grad_enabled() and a.requires_grad:
         return _SafeQR.apply(a)
     return torch.linalg.qr(a)
@@ -243,8 +255,8 @@ def pinv_core(a: Tensor, rtol: float) -> Tensor:
 
 
 def _lowrank_svd_forward(left: Tensor, mid: Tensor, right: Tensor, w: int):
-    ql, rl = torch.linalg.qr(left)
-    qr_, rr = torch.linalg.qr(right)
+    ql, rl = qr(left)
+    qr_, rr = qr(right)
     p, s, qh = svd_core(rl @ mid @ mT(rr))
     return ql, rl, qr_, rr, p, s, qh, tmm(ql, p[..., :w]), tmm(qr_, mT(qh[..., :w, :]))
 

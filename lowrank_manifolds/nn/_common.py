@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._args import deprecated, nonneg, positive_int
-from .._linalg import mT, qr_positive
+from .._linalg import factor_dtype, mT, qr_positive
 from ..manifold import FixedRankManifold
 from ..truncation import truncation_rank
 
@@ -75,7 +75,7 @@ def truncated_factors(w: Tensor, rank: Optional[int], svd_tol: Optional[float], 
     w = w.detach()
     if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
         raise ValueError(f"the weight of {what} contains non-finite values")
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    u, s, vh = (t.to(w.dtype) for t in torch.linalg.svd(w.to(factor_dtype(w)), full_matrices=False))
     r = rank
     if svd_tol is not None:
         r = select_rank(s, svd_tol)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._args import deprecated, nonneg, positive_int
+from .._linalg import factor_dtype
 from ._common import is_lowrank_layer, requires_grad_restored_on_error, select_rank
 from .adapter import LowRankAdapterLinear
 from .layers import LowRankConv2d, LowRankLinear
@@ -282,7 +283,8 @@ def convert_to_low_rank(
         if cut is None:
             r = rank if rank is not None else cap_r
         else:
-            r = select_rank(torch.linalg.svdvals(dense.weight.detach().reshape(m, n)), cut)
+            w = dense.weight.detach().reshape(m, n)
+            r = select_rank(torch.linalg.svdvals(w.to(factor_dtype(w))), cut)
             if rank is not None:
                 r = min(r, rank)
         if cap_r is not None:
