@@ -9,6 +9,7 @@ without importing the integrators, so the package's modules import one another w
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict
 
 import torch
@@ -40,8 +41,26 @@ def resolve_retraction(retraction: Any, adaptive: bool) -> Any:
     return retraction
 
 
+def _scale(s: Tensor, u: Tensor) -> Tensor:
+    r"""A power of two ``c`` (``(..., 1, 1)``) with the entries of ``S / c`` and ``u / c`` below 2
+    where some exceed the fourth root of the dtype's largest number (``2^32`` in float32), else exactly 1.
+
+    The retractions are homogeneous, :math:`R_{cX}(c\xi) = c R_X(\xi)`, but the orthographic
+    one's and the integrators' products and QRs multiply entries of ``S`` and ``u`` together: a
+    finite point near the overflow threshold (``S = diag(3e38)`` in float32) would overflow
+    inside them. Scaling by a power of two is
+    exact, and with ``c = 1`` the ordinary case is computed as before, bit for bit. No host
+    sync; ``c`` is piecewise constant, so it carries no gradient."""
+    with torch.no_grad():
+        big = 2.0 ** (math.frexp(torch.finfo(s.dtype).max)[1] // 4)
+        a = torch.maximum(s.abs().amax((-2, -1)), u.abs().amax((-2, -1)))
+        one = torch.ones_like(a)
+        c = torch.where(a > big, torch.ldexp(one, torch.frexp(a).exponent - 1), one)  # a / c in [1, 2)
+    return c[..., None, None]
+
+
 def metric_retraction(mf, x: Tensor, u: Tensor) -> Tensor:
-    """The truncated SVD of :math:`X + \\xi` from QRs of ``[U, Up]``, ``[V, Vp]`` and a 2r x 2r core."""
+    r"""The truncated SVD of :math:`X + \xi` from QRs of ``[U, Up]``, ``[V, Vp]`` and a 2r x 2r core."""
     ux, s, vx = mf.unpack(x)
     up, mm, vp = mf.unpack(u)
     r = mf.capacity
@@ -53,17 +72,21 @@ def metric_retraction(mf, x: Tensor, u: Tensor) -> Tensor:
                      torch.cat([eye, torch.zeros_like(eye)], -1)], -2)
     # X + xi = [U, Up] [[S + M, I], [I, 0]] [V, Vp]^T; the backward of lowrank_svd is the
     # factored derivative of the SVD of X + xi, finite at a zero tangent vector and with the
-    # zero padding.
+    # zero padding. No scaling (_scale): the QRs are of [U, Up] and [V, Vp], so their R
+    # factors hold Up's and Vp's sizes in separate blocks that the core never multiplies
+    # together, and the core is decomposed in float64.
     uw, sig, vw = lowrank_svd(left, mid, right, r)
     return cat_rows(*mf.truncation.from_svd(uw, sig, vw))  # the rank: fixed, or by tolerance
 
 
 def integrator_retraction(mf, x: Tensor, u: Tensor) -> Tensor:
-    """One step of size 1 of the manifold's integrator along the constant field :math:`\\xi`,
+    r"""One step of size 1 of the manifold's integrator along the constant field :math:`\xi`,
     then the manifold's truncation."""
     u = mf.proju(x, u)
     ux, s, vx = mf.unpack(x)
-    up, mm, vp = mf.unpack(u)
+    c = _scale(s, u)
+    s = s / c
+    up, mm, vp = mf.unpack(u / c)
     # the tangent vector as the ambient pair A B^T, A = [U M + Up, U], B = [V, Vp]
     field = (torch.cat([ux @ mm + up, ux.expand_as(up)], -1), torch.cat([vx.expand_as(vp), vp], -1))
     if mf.adaptive:
@@ -74,27 +97,28 @@ def integrator_retraction(mf, x: Tensor, u: Tensor) -> Tensor:
         ux, vx = _complete_basis(mf, ux), _complete_basis(mf, vx)
     integrator = mf.retraction
     if getattr(integrator, "rank_adaptive", False):
-        factors = integrator.augmented_step(ux, s, vx, field, 1.0)
+        u1, s1, v1 = integrator.augmented_step(ux, s, vx, field, 1.0)
     else:
-        factors = integrator.step(ux, s, vx, field, 1.0)
-    return cat_rows(*mf.truncation(*factors))
+        u1, s1, v1 = integrator.step(ux, s, vx, field, 1.0)
+    return cat_rows(*mf.truncation(u1, s1 * c, v1))
 
 
 def _complete_basis(mf, u: Tensor) -> Tensor:
-    """Fill the inactive (zero) columns with an orthonormal completion."""
+    r"""Fill the inactive (zero) columns with an orthonormal completion."""
     q, _ = qr_positive(u)
     return u + q * (1 - mf.active_mask(u)).unsqueeze(-2)
 
 
 def orthographic_retraction(mf, x: Tensor, u: Tensor) -> Tensor:
-    """:math:`(X + \\xi) V (S + M)^{-1} U^\\top (X + \\xi)` from QRs of :math:`(X + \\xi) V`,
-    :math:`(X + \\xi)^\\top U` and an r x r SVD; needs :math:`S + M` invertible."""
+    r""":math:`(X + \xi) V (S + M)^{-1} U^\top (X + \xi)` from QRs of :math:`(X + \xi) V`,
+    :math:`(X + \xi)^\top U` and an r x r SVD; needs :math:`S + M` invertible."""
     u = mf.proju(x, u)
     ux, s, vx = mf.unpack(x)
-    up, mm, vp = mf.unpack(u)
-    sm = s + mm
+    c = _scale(s, u)
+    up, mm, vp = mf.unpack(u / c)
+    sm = s / c + mm
     qa, ra = qr(ux @ sm + up)  # (X + xi) V
     qb, rb = qr(vx @ mT(sm) + vp)  # (X + xi)^T U
     core = ra @ solve_core(sm, mT(rb))  # the r x r solve in float64, as the core SVD
     p, sig, qh = svd_core(core)
-    return cat_rows(qa @ p, torch.diag_embed(sig[..., : mf.capacity]), qb @ mT(qh))
+    return cat_rows(qa @ p, torch.diag_embed(sig[..., : mf.capacity]) * c, qb @ mT(qh))

@@ -472,3 +472,26 @@ def test_our_optimizers_move_a_weight_with_an_exactly_zero_singular_value(kind):
     assert torch.isfinite(layer.weight).all()
     assert losses[-1] < 0.9 * losses[0]
     assert float(torch.linalg.svdvals(layer.dense_weight().detach())[2]) > 1e-3
+
+
+@pytest.mark.parametrize("kw", [{}, {"retraction": "orthographic"}, {"max_rank": 4},
+                                {"max_rank": 4, "retraction": "abc-psi"}, {"retraction": "ksl"}],
+                         ids=["metric", "orthographic", "capacity", "abc-psi", "ksl"])
+@pytest.mark.parametrize("big", [1e20, 1e30, 3e38])
+def test_retractions_stay_finite_at_the_edge_of_float32(kw, big):
+    """A finite float32 point with S = diag(big, big / 2) and a tangent vector of size big / 100:
+    the retraction is finite and equals, scaled, the float64 retraction at S = diag(1, 1/2)
+    (homogeneity, R_{cX}(c xi) = c R_X(xi)); at 3e38 the orthographic and integrator
+    retractions used to overflow inside their products."""
+    torch.manual_seed(0)
+    mf = FixedRankManifold(10, 8, 2, **kw)
+    x = mf.random()
+    t = mf.random_tangent(x) * 0.01
+    unit = x.double()
+    mf.unpack(unit)[1].copy_(torch.diag_embed(torch.tensor([1.0, 0.5] + [0.0] * (mf.capacity - 2))))
+    scaled = unit.float()
+    mf.unpack(scaled)[1].mul_(big)
+    y = mf.retr(scaled, t * big)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    ref = mf.to_dense(mf.retr(unit, t.double()))
+    assert float((mf.to_dense(y.double()) / big - ref).norm() / ref.norm()) < 1e-5
