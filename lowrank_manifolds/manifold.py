@@ -213,6 +213,11 @@ class FixedRankManifold(Manifold):
                 raise TypeError(f"{name} has dtype {t.dtype} but the point has {ref.dtype}")
             if t.device != ref.device:
                 raise ValueError(f"{name} is on {t.device} but the point is on {ref.device}")
+            try:
+                torch.broadcast_shapes(ref.shape[:-2], t.shape[:-2])
+            except RuntimeError:
+                raise ValueError(f"{name} has batch shape {tuple(t.shape[:-2])}, which does not broadcast with "
+                                 f"the point's {tuple(ref.shape[:-2])}") from None
 
     def _check_ambient(self, x: Tensor, z: Ambient, name: str) -> None:
         """Check a dense ``(..., m, n)`` matrix or a factor pair ``(A, B)`` against the point."""
@@ -503,8 +508,14 @@ class FixedRankManifold(Manifold):
         r"""Euclidean metric :math:`\langle M, M'\rangle + \langle U_p, U_p'\rangle +
         \langle V_p, V_p'\rangle`: the Frobenius product of the packed tangent vectors
         (valid under the gauge conditions)."""
+        self._check_packed(x, "x")
+        self._check_packed(u, "u")
         if v is None:
             v = u
+        else:
+            self._check_packed(v, "v")
+            self._check_compatible(u, v=v)
+        self._check_compatible(x, u=u, v=v)
         batch = torch.broadcast_shapes(x.shape[:-2], u.shape[:-2], v.shape[:-2])
         out = torch.linalg.vecdot(u.flatten(-2), v.flatten(-2)).expand(batch)  # no u * v temporary
         return out[..., None, None] if keepdim else out
@@ -514,6 +525,8 @@ class FixedRankManifold(Manifold):
         columns of each row of ``Up``, ``Vp`` and over ``M``'s active block, broadcast across it."""
         if self.second_moment == "scalar":
             return self.inner(x, u, v, keepdim=True)
+        self._check_packed(u, "u")
+        self._check_compatible(x, u=u, **({} if v is None else {"v": v}))
         up, mm, vp, r = *self.unpack(u * (u if v is None else v)), self.capacity
         k = (self.active_rank(x).to(up.dtype).clamp(min=1) if self.adaptive else up.new_tensor(float(r)).expand(x.shape[:-2]))[..., None, None]
         c = mm.sum((-2, -1), keepdim=True) / (k * k)
@@ -673,6 +686,8 @@ class FixedRankManifold(Manifold):
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         batch = tuple(size[:-2])
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"random: dtype must be a real floating dtype, got {dtype}")
         opts = dict(dtype=dtype if dtype is not None else torch.get_default_dtype(), device=device)
         u, _ = qr_positive(torch.randn(*batch, self.m, self.rank, **opts))
         v, _ = qr_positive(torch.randn(*batch, self.n, self.rank, **opts))

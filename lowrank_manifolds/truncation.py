@@ -34,12 +34,33 @@ def truncation_rank(
     clipped to ``[min_rank, max_rank]`` (and to ``k``). By Eckart-Young the Frobenius
     error of the truncation is the discarded tail :math:`(\sum_{j > r_1} s_j^2)^{1/2}`,
     which is :math:`\le \vartheta` unless ``max_rank`` cut it. Returns an int64 tensor of
-    the batch shape, on the device of ``s`` (no host sync). The tail is summed from the
-    small end, so tiny tails are accurate, and in float64 (as the core SVDs), so that
-    float32 singular values near the overflow or underflow thresholds decide as well.
+    the batch shape, on the device of ``s``. The tail is summed from the small end, so tiny
+    tails are accurate, and in float64 (as the core SVDs), so that float32 singular values
+    near the overflow or underflow thresholds decide as well.
+
+    ``s`` must be finite, non-negative and non-increasing: checked, at the cost of one host
+    read (``ValueError`` otherwise; a NaN would otherwise count as discarded and ascending
+    values would keep the wrong ones). :class:`Truncation`, which the integrators and
+    optimizers call inside their steps on singular values they computed, does not check.
     """
     tol = nonneg(tol, "tol")
     _check_rank_bounds(min_rank, max_rank)
+    if not isinstance(relative, bool):
+        raise TypeError(f"relative must be True or False, got {relative!r}")
+    if not isinstance(s, Tensor) or not s.dtype.is_floating_point or s.dim() < 1:
+        raise TypeError(f"s must be a floating tensor of singular values (..., k), got {_describe(s)}")
+    if s.device.type != "meta" and s.shape[-1] and not bool(
+            (torch.isfinite(s).all() & (s >= 0).all() & (s[..., 1:] <= s[..., :-1]).all())):
+        raise ValueError("the singular values must be finite, non-negative and in descending order")
+    return _rank(s, tol, relative, min_rank, max_rank)
+
+
+def _describe(s) -> str:
+    return f"a {s.dtype} tensor of shape {tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__
+
+
+def _rank(s: Tensor, tol: float, relative: bool, min_rank: int, max_rank: Optional[int]) -> Tensor:
+    """:func:`truncation_rank` on checked arguments (no host sync)."""
     k = s.shape[-1]
     s = s.to(core_dtype(s))  # the sums of squares in float64: no overflow or underflow of s^2 in float32
     tail = torch.flip(torch.cumsum(torch.flip(s * s, (-1,)), -1), (-1,)).sqrt()  # tail[j] = ||s[j:]||
@@ -89,10 +110,13 @@ class Truncation:
         _check_rank_bounds(min_rank, max_rank)
         if pad and max_rank is None:
             raise ValueError("pad=True needs max_rank (the fixed capacity of the output)")
-        self.relative = bool(relative)
+        for value, name in ((relative, "relative"), (pad, "pad")):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        self.relative = relative
         self.min_rank = min_rank
         self.max_rank = max_rank
-        self.pad = bool(pad)
+        self.pad = pad
 
     def __repr__(self) -> str:
         return (
@@ -101,10 +125,9 @@ class Truncation:
         )
 
     def rank(self, s: Tensor) -> Tensor:
-        """:func:`truncation_rank` with this policy's settings."""
-        return truncation_rank(
-            s, self.tol, relative=self.relative, min_rank=self.min_rank, max_rank=self.max_rank
-        )
+        """:func:`truncation_rank` with this policy's settings, without checking ``s`` (no host
+        sync: the callers pass singular values they computed)."""
+        return _rank(s, self.tol, self.relative, self.min_rank, self.max_rank)
 
     def __call__(self, U: Tensor, S: Tensor, V: Tensor) -> Factors:
         p_r, s1, q_r = self.decompose(S)

@@ -316,3 +316,22 @@ def test_a_point_saved_in_another_float_dtype_loads_converted():
     x = torch.randn(3, 6)
     assert fresh[0].weight.dtype == torch.float32
     assert torch.equal(fresh(x), model(x))
+
+
+def test_a_pickle_path_is_refused_and_integrator_layers_round_trip(tmp_path):
+    from lowrank_manifolds.nn import load_lowrank, save_lowrank
+
+    model = nn.Sequential(LowRankLinear(6, 5, 2, retraction="ksl"), LowRankLinear(5, 4, 2, max_rank=3,
+                                                                                 retraction="abc-psi"))
+    for path in ("model.pt", "model.pth", "adapters.bin"):
+        with pytest.raises(ValueError, match="safetensors"):
+            save_lowrank(model, tmp_path / path)
+        with pytest.raises(ValueError, match="safetensors"):
+            load_lowrank(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), tmp_path / path)
+    with pytest.raises(FileNotFoundError, match="no low-rank state"):
+        load_lowrank(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), tmp_path / "absent")
+    save_lowrank(model, tmp_path)  # a name the layer was given is a name the file can keep
+    fresh = load_lowrank(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), tmp_path)
+    assert [type(m.manifold.retraction).__name__ for m in fresh] == ["KSL", "ABCPSI"]
+    x = torch.randn(2, 6)
+    assert torch.equal(fresh(x), model(x))

@@ -440,3 +440,19 @@ def test_lab_studies_measure_order_exactness_robustness_and_rank():
     ranks = lab.rank_study(integ, tols=(1e-1, 1e-3), steps=20, problem=lab.LeastSquares(14, 12, p=5, b=50))
     assert list(ranks) == ["abc-PSI"] and ranks["abc-PSI"][0]["rank"] < ranks["abc-PSI"][1]["rank"]
     assert integ["abc-PSI"].truncation.max_rank == 3  # restored after the study
+
+
+def test_truncation_rank_refuses_what_is_not_a_descending_spectrum():
+    for bad in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([float("nan"), 1.0]), torch.tensor([2.0, -1.0]),
+                torch.tensor([float("inf"), 1.0])):
+        with pytest.raises(ValueError, match="descending"):
+            truncation_rank(bad, 0.1)
+    with pytest.raises(TypeError, match="floating"):
+        truncation_rank(torch.tensor([2, 1]), 0.1)
+    with pytest.raises(TypeError, match="relative"):
+        truncation_rank(torch.tensor([2.0, 1.0]), 0.1, relative="no")
+    with pytest.raises(TypeError, match="relative"):
+        Truncation(0.1, relative="no")  # was True through bool()
+    with pytest.raises(TypeError, match="pad"):
+        Truncation(0.1, max_rank=2, pad=1)
+    assert int(truncation_rank(torch.tensor([3.0, 0.0, 0.0]), 0.0)) == 1  # zeros are a spectrum

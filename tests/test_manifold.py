@@ -422,3 +422,27 @@ def test_dist_says_what_to_use_instead():
     x, y = mf.random(), mf.random()
     with pytest.raises(NotImplementedError, match="no closed form.*to_dense"):
         mf.dist(x, y)
+
+
+def test_every_method_names_a_bad_argument():
+    """Shapes, dtypes, devices and batch shapes are checked with the argument named (inner
+    checked nothing; a batch mismatch was a raw broadcasting error)."""
+    mf = FixedRankManifold(6, 5, 2)
+    x = mf.random(2, *mf.packed_shape)
+    u = torch.randn(3, *mf.packed_shape)
+    for call in (lambda: mf.proju(x, u), lambda: mf.retr(x, u), lambda: mf.inner(x, u),
+                 lambda: mf.egrad2rgrad(x, u), lambda: mf.transp(x, x, u), lambda: mf.component_inner(x, u)):
+        with pytest.raises(ValueError, match="batch shape"):
+            call()
+    rows = FixedRankManifold(6, 5, 2, second_moment="rows")
+    with pytest.raises(ValueError, match="batch shape"):
+        rows.component_inner(x, u)
+    with pytest.raises(ValueError, match="trailing shape"):
+        mf.inner(x, torch.randn(4, 4))
+    with pytest.raises(TypeError, match="dtype"):
+        mf.inner(x, x.double())
+    with pytest.raises(TypeError, match="dtype"):
+        mf.inner(x, x, x.double())
+    for dtype in (torch.int64, torch.complex64, torch.bool):
+        with pytest.raises(TypeError, match="real floating dtype"):
+            mf.random(dtype=dtype)

@@ -269,6 +269,9 @@ def _file(path, create: bool = False) -> str:
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         return path
+    if path.endswith((".pt", ".pth", ".bin", ".ckpt", ".pkl")):
+        raise ValueError(f"{path}: the low-rank state is a safetensors file (no pickle): give a path "
+                         "ending in .safetensors, or a folder")
     if create:
         os.makedirs(path, exist_ok=True)
     return os.path.join(path, "lowrank.safetensors")
