@@ -31,6 +31,7 @@ autograd's gradient on the packed factors is :math:`dU = G V S^\top`,
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import geoopt
@@ -39,11 +40,25 @@ from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
-from .._args import deprecated, nonneg, positive_int, renamed, unit_interval
-from .._linalg import mT, pinv_core
+from .._args import deprecated, nonneg, positive_int, renamed, unit_interval, user_stacklevel
+from .._linalg import cat_rows, mT, pinv_core
 from ..truncation import Truncation
 from ..manifold import FixedRankManifold
-from ._faults import check_finite_grads, check_finite_state_dict
+from ._faults import (
+    Layout,
+    admit_step,
+    all_finite,
+    check_groups,
+    checked_state_dict,
+    commit,
+    counter,
+    floating,
+    grad_limit,
+    results,
+    stage_on_copies,
+    tag_state_dict,
+    unrepresentable_error,
+)
 from .recorder import GradientRecorder
 
 
@@ -81,9 +96,9 @@ def refuse_manifold_parameters(where: str, param_group: dict, lowrank: bool) -> 
         )
 
 
-def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
-    r"""``(U, S, V, mask, dS, GV, GtU)`` with ``mask`` the 0/1 active columns
-    (:meth:`FixedRankManifold.active_mask`, computed once here) and ``GV``, ``GtU`` the
+def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold, mask: Optional[Tensor] = None):
+    r"""``(U, S, V, mask, dS, GV, GtU)`` with ``mask`` the 0/1 active columns of ``p`` (as
+    :func:`active_first` gives them; computed if not given) and ``GV``, ``GtU`` the
     products :math:`GV`, :math:`G^\top U` recovered from autograd's ``dU = G V S^T``,
     ``dV = G^T U S`` with the pseudo-inverse of the manifold's invertible core (``S`` itself
     at fixed rank; with a capacity, ``S`` plus ones on the inactive diagonal), singular values
@@ -93,10 +108,35 @@ def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
     shapes were checked when ``p`` joined its group."""
     u, s, v = manifold.unpack(p, check=False)
     du, ds, dv = manifold.unpack(grad, check=False)
-    mask = manifold.active_mask(u)
+    if mask is None:
+        mask = manifold.active_mask(u)
     s_inv = pinv_core(manifold.invertible_core(u, s, mask), manifold.pinv_rtol(s.dtype))
     gv, gtu = du @ mT(s_inv), dv @ s_inv  # dU S^{+T}, dV S^{+}
     return u, s, v, mask, ds, gv, gtu
+
+
+def active_first(manifold: FixedRankManifold, x: Tensor, grad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(x, grad, mask)``: a point ``x`` of ``manifold`` (a batch of points allowed) and the
+    gradient on it in the manifold's convention, active columns first, and the 0/1 mask of
+    those columns (:meth:`FixedRankManifold.active_mask`, computed once here for the step).
+
+    A point whose active columns are not first (one written by hand, say) is the same matrix
+    with its columns permuted: the columns of ``U`` and ``V`` and the rows and columns of ``S``
+    (and of the gradient, which follows the point) are reordered by a stable sort of the mask,
+    so each step sees the valid point it denotes. No host read; an ordered point comes back as
+    an exact copy, so its step is unchanged. (A fixed-rank point has no inactive column.)"""
+    mask = manifold.active_mask(manifold.unpack(x, check=False)[0])
+    if not manifold.adaptive:
+        return x, grad, mask
+    mask, order = torch.sort(mask, dim=-1, descending=True, stable=True)
+
+    def permute(t: Tensor) -> Tensor:
+        u, s, v = manifold.unpack(t, check=False)
+        cols = order.unsqueeze(-2)
+        s = torch.take_along_dim(torch.take_along_dim(s, order.unsqueeze(-1), -2), cols, -1)
+        return cat_rows(torch.take_along_dim(u, cols, -1), s, torch.take_along_dim(v, cols, -1))
+
+    return permute(x), permute(grad), mask
 
 
 def truncate(uh: Tensor, sh: Tensor, vh: Tensor, policy: Truncation, rank: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
@@ -167,7 +207,7 @@ def _rename_group_options(group: dict, where: str) -> dict:
     if not old:
         return group
     deprecated(f"{where}: the param group options {old} are deprecated, use "
-               f"{[_RENAMED_OPTIONS[k] for k in old]}", stacklevel=4)
+               f"{[_RENAMED_OPTIONS[k] for k in old]}", stacklevel=user_stacklevel() + 1)
     group = dict(group)
     for k in old:
         if _RENAMED_OPTIONS[k] in group and group[_RENAMED_OPTIONS[k]] is not None:
@@ -202,18 +242,19 @@ def check_betas(betas) -> None:
 # ---------------------------------------------------------------------------
 # ordinary parameters: torch's own functional SGD / Adam(W)
 # ---------------------------------------------------------------------------
-def sgd_update(params: list, states: list, lr, momentum, dampening, nesterov, weight_decay, foreach) -> None:
+def sgd_update(params: list, grads: list, states: list, lr, momentum, dampening, nesterov, weight_decay,
+               foreach) -> None:
     """One ``torch.optim.SGD`` step of ordinary parameters (torch's functional ``sgd``; with
     ``foreach``, its multi-tensor form: one kernel per list)."""
     bufs = [state.get("momentum_buffer") for state in states]
-    torch_sgd(params, [p.grad for p in params], bufs, foreach=foreach, weight_decay=weight_decay,
+    torch_sgd(params, grads, bufs, foreach=foreach, weight_decay=weight_decay,
               momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=False)
     if momentum:
         for state, buf in zip(states, bufs):
             state["momentum_buffer"] = buf
 
 
-def adam_update(params: list, states: list, lr, betas, eps, weight_decay, decoupled, foreach) -> None:
+def adam_update(params: list, grads: list, states: list, lr, betas, eps, weight_decay, decoupled, foreach) -> None:
     """One ``torch.optim.Adam`` (``decoupled``: ``AdamW``) step of ordinary parameters
     (torch's functional ``adam``; with ``foreach``, its multi-tensor form); the state is
     torch's (``step`` a CPU scalar tensor)."""
@@ -225,7 +266,7 @@ def adam_update(params: list, states: list, lr, betas, eps, weight_decay, decoup
         elif not torch.is_tensor(state["step"]):  # a checkpoint of an earlier version: an int
             state["step"] = torch.tensor(float(state["step"]))
     torch_adam(
-        params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
         [s["step"] for s in states], foreach=foreach, decoupled_weight_decay=decoupled, amsgrad=False,
         beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
     )
@@ -237,13 +278,35 @@ def adam_update(params: list, states: list, lr, betas, eps, weight_decay, decoup
 class LowRankOptimizer(torch.optim.Optimizer):
     """Step loop shared by the optimizers: low-rank weights vs ordinary parameters.
 
-    * Faults: with ``check_finite = True`` (default; set the attribute to ``False`` to
-      skip it) a non-finite gradient raises ``FloatingPointError`` naming the parameter
-      before any parameter, state or step counter is written, so the next clean step
-      trains. It costs one ``isfinite`` reduction per gradient and one host
-      synchronisation per step (free on the CPU). Under ``torch.amp.GradScaler``,
-      ``scaler.step(optimizer)`` skips steps with infs before this check is reached.
-      ``load_state_dict`` rejects a checkpoint with a non-finite state tensor, by name.
+    * All or nothing (``check_finite = True``, default; set the attribute to ``False`` to skip
+      it): a step is taken with every parameter and state finite, or raises
+      ``FloatingPointError`` with all of them (step counters included) bitwise unchanged, so
+      the next clean step trains. A non-finite gradient is named by parameter. The steps of
+      the low-rank weights are computed on copies (points and states) and written only once
+      they are known to be finite: a step whose value exceeds the dtype's range although the
+      gradients are finite (Adam's second moment of a gradient of 1e30 in float32, say) is
+      refused naming the weight and the state. An ordinary parameter whose gradient has an
+      entry above :func:`~lowrank_manifolds.optim._faults.grad_limit` (9.2e18 in float32) is
+      stepped on copies and checked the same way (a gradient of 1e20 then steps as
+      ``torch.optim.Adam`` does, one of 1e30, whose ``(1 - beta2) g^2`` float32 cannot hold, is
+      refused); below it no value of its step can overflow. Cost: one multi-tensor max-abs
+      per device and dtype over the gradients and the low-rank results and one host
+      synchronisation for each (free on the CPU), a second one only in a step with such a
+      large gradient. Under ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` skips steps
+      with infs before this check is reached.
+    * Hyperparameters edited in ``param_groups`` (``lr``, ``betas``, ``eps``, the core, the
+      truncation options, ...) are checked at the start of every step by the constructor's
+      own checks: ``ValueError`` (``TypeError`` for a wrong type) naming the param group and
+      the key, before anything is written. They are Python numbers, as the constructor
+      requires (a tensor is refused), so the check reads nothing from a device.
+    * ``state_dict`` saves the optimizer's class name in each param group (``saved_by``);
+      ``load_state_dict`` refuses, before anything is loaded, a state dict saved by another
+      optimizer, hyperparameters the constructor would refuse, and states that are not this
+      optimizer's for these parameters (a foreign key, a shape that is not the parameter's or,
+      for a low-rank weight, the ``R x R`` of its capacity, a non-floating dtype, a non-finite
+      value), each by parameter and key.
+    * Points: a low-rank weight whose active columns are not first is stepped as the valid
+      point it denotes (:func:`active_first`), so a hand-written point loses nothing.
     * ``torch.compile``: ``step`` always runs eagerly (it is wrapped with
       ``torch.compiler.disable``, in subclasses too: a graph break). Inside a compiled
       frame a ``geoopt.ManifoldParameter`` is not recognised by ``isinstance``, and the
@@ -263,52 +326,89 @@ class LowRankOptimizer(torch.optim.Optimizer):
         refuse_manifold_parameters(type(self).__name__, param_group, lowrank=True)
         super().add_param_group(_rename_group_options(param_group, type(self).__name__))
         group = self.param_groups[-1]
-        self._configure(group)
-        self._check_group(group)
-        for p in group["params"]:
-            manifold = getattr(p, "manifold", None)
-            if isinstance(manifold, FixedRankManifold):
-                manifold._check_packed(p, "a low-rank weight")  # once here, not in every step
-            if (
-                isinstance(manifold, FixedRankManifold)
-                and not manifold.adaptive
-                and group["tol"] is not None
-            ):
-                raise ValueError(
-                    f"tol={group['tol']} makes the rank adaptive, but a weight lives on the "
-                    f"fixed-rank {manifold}: build its layer with a capacity (max_rank=...) or "
-                    "put it in a group with tol=None"
-                )
+        try:
+            self._configure(group)
+            self._check_group(group)
+            for p in group["params"]:
+                manifold = getattr(p, "manifold", None)
+                if isinstance(manifold, FixedRankManifold):
+                    manifold._check_packed(p, "a low-rank weight")  # once here, not in every step
+            self._check_weights(group)
+        except BaseException:
+            self.param_groups.pop()  # a refused group is not added
+            raise
 
     def _configure(self, group: dict) -> None:
         """Set the options a subclass fixes (a configuration of a family, e.g. GeometricAdam's
         basis update and core) in a param group, given or loaded; the base class fixes none."""
 
     def _check_group(self, group: dict) -> None:
+        """The constructor's checks of a group's hyperparameters (when it is added or loaded,
+        and at every step)."""
         nonneg(group["lr"], "lr")
         nonneg(group["weight_decay"], "weight_decay")
         check_truncation_options(group)
+
+    def _check_weights(self, group: dict) -> None:
+        """The group's low-rank weights against its options (when it is added or loaded)."""
+        if group["tol"] is None:
+            return
+        for p in group["params"]:
+            manifold = getattr(p, "manifold", None)
+            if isinstance(manifold, FixedRankManifold) and not manifold.adaptive:
+                raise ValueError(
+                    f"tol={group['tol']} makes the rank adaptive, but a weight lives on the "
+                    f"fixed-rank {manifold}: build its layer with a capacity (max_rank=...) or "
+                    "put it in a group with tol=None"
+                )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         if self._recorder is not None:
             self._recorder.clear()
 
+    def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer``'s, with the optimizer's class name in each param group
+        (``"saved_by"``; :meth:`load_state_dict` removes it)."""
+        return tag_state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
-        tensor is finite (a ``ValueError`` names the parameter and the state key). A checkpoint
-        of an earlier version loads: deprecated option names are renamed, and options its
-        param groups lack (added since, e.g. the family's ``integrator``, ``core``,
-        ``euclidean`` in a GeometricAdam checkpoint) take this optimizer's defaults."""
-        check_finite_state_dict(self, state_dict)
-        groups = [dict(_rename_group_options(g, type(self).__name__)) for g in state_dict["param_groups"]]
-        for g in groups:
-            if "fixed_rank" not in g:  # an older checkpoint: its rank_tol=None kept the active rank
-                g["fixed_rank"] = g.get("tol") is None
-            for key, value in self.defaults.items():
-                g.setdefault(key, value)
-            self._configure(g)
-        super().load_state_dict({**state_dict, "param_groups": groups})
+        """As ``torch.optim.Optimizer``'s, after the checks of
+        :func:`~lowrank_manifolds.optim._faults.checked_state_dict`: a state dict saved by
+        another optimizer, hyperparameters the constructor refuses, and states that are not
+        this optimizer's for these parameters (keys, shapes: a low-rank weight's capacity,
+        dtypes, finiteness) raise ``ValueError`` naming the parameter and the key, with
+        nothing loaded. A checkpoint of an earlier version loads: deprecated option names are
+        renamed, and options its param groups lack (added since, e.g. the family's
+        ``integrator``, ``core``, ``euclidean`` in a GeometricAdam checkpoint) take this
+        optimizer's defaults."""
+        super().load_state_dict(checked_state_dict(self, state_dict, self._loaded_group, self._state_layout))
+
+    def _loaded_group(self, saved: dict, current: dict) -> dict:
+        group = dict(_rename_group_options(saved, type(self).__name__))
+        if "fixed_rank" not in group:  # an older checkpoint: its rank_tol=None kept the active rank
+            group["fixed_rank"] = group.get("tol") is None
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self._configure(group)
+        self._check_group(group)
+        self._check_weights({**group, "params": current["params"]})
+        return group
+
+    def _state_layout(self, p: Tensor, group: dict) -> Layout:
+        """The states this optimizer keeps for ``p`` in ``group``: an ordinary parameter's are
+        ``torch.optim.SGD``'s or ``Adam``'s."""
+        if is_lowrank_parameter(p):
+            return self._lowrank_layout(p, group)
+        shape = tuple(p.shape)
+        return ({"momentum_buffer": floating(shape, "SGD's momentum buffer", none=True),
+                 "step": counter(tensor_only=False),
+                 "exp_avg": floating(shape, "Adam's first moment"),
+                 "exp_avg_sq": floating(shape, "Adam's second moment")},
+                (("step", "exp_avg", "exp_avg_sq"),))
+
+    def _lowrank_layout(self, p: Tensor, group: dict) -> Layout:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -316,33 +416,108 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """One step for every parameter with a gradient. ``closure`` (optional)
         re-evaluates the model (zero_grad, forward, backward) and returns the loss.
 
-        With ``check_finite`` (default) a non-finite gradient raises ``FloatingPointError``
-        naming the parameter before anything is written (one host sync per step)."""
+        Taken whole or not at all (class docstring): the hyperparameters are checked first,
+        and with ``check_finite`` (default) the gradients and the computed results before
+        anything is written (one host sync per step)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        if self.check_finite:
-            check_finite_grads(self)
+        check_groups(self, self._check_group)
+        work = []
         for group in self.param_groups:
             lowrank, plain = [], []
             for p in group["params"]:
-                if p.grad is not None:
-                    (lowrank if is_lowrank_parameter(p) else plain).append(p)
-            if plain:
-                self._euclidean_step(plain, group)
-            for members in self._shape_groups(group, lowrank):
-                if len(members) == 1:
-                    self._lowrank_step(members[0], members[0].grad, group, self.state[members[0]])
-                else:
-                    self._batched_lowrank_step(members, group)
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                (lowrank if is_lowrank_parameter(p) else plain).append(p)
+            work.append((group, plain, lowrank))
+        try:
+            self._begin_step()
+            self._take_step(work)
+        finally:
+            self._end_step()
         if self._recorder is not None:
             self._recorder.clear()
         return loss
+
+    def _begin_step(self) -> None:
+        """What a subclass prepares before the step's computation (a check that may refuse it);
+        the base class prepares nothing."""
+
+    def _end_step(self) -> None:
+        """What a subclass releases after a step, taken or refused."""
+
+    def _take_step(self, work: list) -> None:
+        """Compute the low-rank steps on copies, decide (:func:`admit_step`), then write."""
+        staged, failure, current = [], None, None
+        try:
+            for group, _, lowrank in work:
+                for current in self._shape_groups(group, lowrank):
+                    staged.append(self._stage(current, group))
+        except Exception as error:  # judged once the gradients are: a non-finite one explains it
+            failure = (error, current)
+        euclidean = {}
+        if self.check_finite:
+            over, finite = admit_step(self, self._grad_limit,
+                                      [t for _, point, states in staged for _, t in results(point, states)])
+            if failure is not None:
+                self._raise_failure(*failure)
+            if not all(finite):
+                raise self._staged_error(staged, finite.index(False))
+            if over:
+                euclidean = self._stage_euclidean(work, over)
+        elif failure is not None:
+            raise failure[0]
+        for record in staged:
+            self._commit(*record)
+        for group, plain, _ in work:
+            rest = [p for p in plain if id(p) not in euclidean]
+            if rest:
+                self._euclidean_step(rest, [p.grad for p in rest], [self.state[p] for p in rest], group)
+        commit(self, euclidean)
+
+    def _grad_limit(self, p: Tensor) -> float:
+        # a low-rank weight's step is always computed on copies and checked
+        return math.inf if is_lowrank_parameter(p) else grad_limit(p.dtype)
+
+    def _raise_failure(self, error: Exception, members: Optional[list]):
+        """An error of a low-rank step computed from finite gradients: a factorisation that met
+        a non-finite value of its own making (an overflow) is the step's range error."""
+        if isinstance(error, torch.linalg.LinAlgError) and members:
+            raise unrepresentable_error(self, members[0], "its weight", cause=str(error)) from error
+        raise error
+
+    def _staged_error(self, staged: list, k: int) -> FloatingPointError:
+        """The error naming the ``k``-th result of ``staged`` (not finite) and its weight."""
+        for members, point, states in staged:
+            items = results(point, states)
+            if k < len(items):
+                what, t = items[k]
+                member = members[0]
+                if len(members) > 1:  # the first weight of the batch whose row is not finite
+                    rows = all_finite(list(t.unbind(0)))
+                    member = members[rows.index(False)]
+                return unrepresentable_error(self, member, what)
+            k -= len(items)
+        raise AssertionError("no such result")  # pragma: no cover
+
+    def _stage_euclidean(self, work: list, over: dict) -> dict:
+        """The steps of the ordinary parameters whose gradients exceed :meth:`_grad_limit`
+        (``over``), taken on copies and checked (:func:`stage_on_copies`, one more host read)."""
+        groups = [(group, [p for p in plain if id(p) in over]) for group, plain, _ in work]
+
+        def step(values, states):
+            k = 0
+            for group, params in groups:
+                if params:
+                    n = k + len(params)
+                    self._euclidean_step(values[k:n], [p.grad for p in params], states[k:n], group)
+                    k = n
+
+        return stage_on_copies(self, [p for _, params in groups for p in params], step)
 
     def _batchable(self, p: Tensor) -> bool:
         """Whether ``p`` may be stepped in a batch with others (a subclass may hold per-weight
@@ -371,21 +546,40 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return list(batches.values())
         return [[p] for p in params]
 
-    def _batched_lowrank_step(self, members: list, group: dict) -> None:
-        r"""One step of ``members`` (weights of one :meth:`_shape_groups` list) as one
-        batched weight: their points, gradients and states are stacked on a leading axis,
-        :meth:`_lowrank_step` runs once on the stack (every stage takes a batch of points
-        with their own active ranks: ranks are masks), and the results are copied back into
-        each weight and state. Equal to the per-weight steps to rounding (tested)."""
+    def _active_first(self, members: list, x: Tensor, grad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """:func:`active_first` of the point(s) ``x`` of ``members``."""
+        return active_first(members[0].manifold, x, grad)
+
+    def _stage(self, members: list, group: dict) -> tuple:
+        r"""The step of ``members`` (the weights of one :meth:`_shape_groups` list) computed on
+        copies: ``(members, point, states)``, the new packed point and states (stacked on a
+        leading axis for several weights); nothing of the weights or their states is written
+        (:meth:`_commit` writes). Several weights are stepped as one batched weight: every
+        stage takes a batch of points with their own active ranks (ranks are masks), equal to
+        the per-weight steps to rounding (tested)."""
         states = [self.state[p] for p in members]
-        x = torch.stack([p.detach() for p in members])
-        x.manifold = members[0].manifold  # the stack is a batch of points of this manifold
-        grad = torch.stack([p.grad for p in members])
-        stacked = {k: torch.stack([s[k] for s in states]) if torch.is_tensor(v) else v
-                   for k, v in states[0].items()}
-        self._lowrank_step(x, grad, group, stacked)
-        torch._foreach_copy_([p.detach() for p in members], list(x.unbind(0)))
-        for key, value in stacked.items():
+        if len(members) == 1:
+            x, grad = members[0].detach(), members[0].grad
+            staged = {k: v.clone() if torch.is_tensor(v) else v for k, v in states[0].items()}
+        else:
+            x = torch.stack([p.detach() for p in members])
+            grad = torch.stack([p.grad for p in members])
+            staged = {k: torch.stack([s[k] for s in states]) if torch.is_tensor(v) else v
+                      for k, v in states[0].items()}
+        x, grad, mask = self._active_first(members, x, grad)
+        x.manifold = members[0].manifold  # a (batch of) point(s) of this manifold
+        point = self._lowrank_step(x, grad, group, staged, mask, members[0] if len(members) == 1 else None)
+        return members, point, staged
+
+    def _commit(self, members: list, point: Tensor, staged: dict) -> None:
+        """Write a staged step (:meth:`_stage`) into its weights and states."""
+        states = [self.state[p] for p in members]
+        if len(members) == 1:
+            members[0].copy_(point)
+            states[0].update(staged)
+            return
+        torch._foreach_copy_([p.detach() for p in members], list(point.unbind(0)))
+        for key, value in staged.items():
             if not torch.is_tensor(value):
                 for s in states:
                     s[key] = value
@@ -395,10 +589,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 for s, v in zip(states, value.unbind(0)):
                     s[key] = v.clone()
 
-    def _lowrank_step(self, p, grad, group, state):  # pragma: no cover - abstract
+    def _lowrank_step(self, x: Tensor, grad: Tensor, group: dict, state: dict, mask: Tensor,
+                      param: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
+        """The new packed point of ``x`` (active columns first, ``mask`` its active columns;
+        a copy or a batch of points, never a parameter) and ``grad``, updating ``state`` (the
+        staged states) in place; ``param`` is the parameter when ``x`` is its point alone."""
         raise NotImplementedError
 
-    def _euclidean_step(self, params: list, group: dict) -> None:  # pragma: no cover - abstract
-        """One step of the ordinary parameters ``params`` (with gradients) of ``group``."""
+    def _euclidean_step(self, params: list, grads: list, states: list, group: dict) -> None:  # pragma: no cover
+        """One step, in place, of the ordinary parameters ``params`` with ``grads`` and
+        ``states`` of ``group``."""
         raise NotImplementedError
-

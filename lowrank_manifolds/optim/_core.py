@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._linalg import cat_last, mT
+from .._linalg import cat_last, cat_rows, mT
 from ..manifold import FixedRankManifold
 from ._base import rank_policy, riemannian_parts, truncate
 
@@ -86,7 +86,7 @@ def embed(c: Tensor, k_u: int, k_v: int) -> Tensor:
     return nn.functional.pad(c, (0, k_v - c.shape[-1], 0, k_u - c.shape[-2]))
 
 
-def tangent_augment(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
+def tangent_augment(p: Tensor, grad: Tensor, manifold: FixedRankManifold, mask: Optional[Tensor] = None):
     r"""The tangent augmentation: augmented bases and the coefficients of :math:`\hat S_0` and
     of the Riemannian gradient, with the block structure exact.
 
@@ -97,9 +97,10 @@ def tangent_augment(p: Tensor, grad: Tensor, manifold: FixedRankManifold):
     :math:`\hat G = \begin{bmatrix} dS & 0 \\ 0 & 0 \end{bmatrix} + [C_U, 0] +
     [C_V, 0]^\top`, i.e. :math:`\hat U \hat G \hat V^\top = P_X G`. Entries outside
     ``support`` (:func:`_tangent_support`) are zero by construction and set to zero
-    explicitly, so no rounding-level coefficient reaches Adam's entrywise division.
-    Returns ``(U^, V^, S^_0, G^, mask, support)`` with ``support = (core, up, vp)``."""
-    u, s, v, mask, ds, gv, gtu = riemannian_parts(p, grad, manifold)
+    explicitly, so no rounding-level coefficient reaches Adam's entrywise division. ``mask``:
+    the active columns of ``p`` (first; computed if not given). Returns ``(U^, V^, S^_0, G^, mask, support)`` with
+    ``support = (core, up, vp)``."""
+    u, s, v, mask, ds, gv, gtu = riemannian_parts(p, grad, manifold, mask)
     mask = mask > 0
     uh, cu = _augmented_basis(u, gv, mask)
     vh, cv = _augmented_basis(v, gtu, mask)
@@ -128,16 +129,16 @@ def carry(x: Tensor, left: Tensor, right: Tensor, key: str, squared: bool) -> Te
     return sq if squared else torch.maximum(sq, (left @ x.sqrt() @ right).square())
 
 
-def truncate_and_carry(p: Tensor, uh: Tensor, sh: Tensor, vh: Tensor, states: Dict[str, Tensor],
-                       state: dict, policy, squared: bool) -> None:
+def truncate_and_carry(manifold: FixedRankManifold, uh: Tensor, sh: Tensor, vh: Tensor, states: Dict[str, Tensor],
+                       state: dict, policy, squared: bool) -> Tensor:
     """Truncate the augmented ``(U^, S^, V^)`` by ``policy`` (``(Truncation, rank)``), carry
-    ``states`` (augmented coordinates) along the kept singular vectors into ``state`` and
-    write the weight."""
+    ``states`` (augmented coordinates) along the kept singular vectors into ``state``; returns
+    the new packed point of ``manifold``."""
     u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *policy)
     left = mT(p_r)
     for key, x in states.items():
         state[key] = carry(x, left, q_r, key, squared)
-    p.copy_(p.manifold.pad(u1, s1, v1))
+    return manifold.pad(u1, s1, v1)
 
 
 # ---------------------------------------------------------------------------
@@ -248,24 +249,22 @@ def cycle_phase(group: dict, state: dict) -> int:
     return phase
 
 
-def core_cycle_step(p: Tensor, grad: Tensor, group: dict, state: dict, last: bool) -> None:
+def core_cycle_step(p: Tensor, grad: Tensor, group: dict, state: dict, last: bool, mask: Tensor) -> Tensor:
     r"""A step inside an augmentation cycle: the bases stay, the core optimizer
     (:func:`core_update`) runs on the core with autograd's :math:`dS = U^\top G V` (every block
     of the active core, the new x new one included: the rank grows at first order) and the
     states of these bases (the identity embedding: no transport); on the cycle's ``last`` step
     the core is truncated by the weight's policy and the states follow the kept singular
-    vectors."""
+    vectors. ``mask``: the active columns of ``p`` (first). Returns the new packed point."""
     manifold = p.manifold
     u, s, v = manifold.unpack(p, check=False)
-    mask = manifold.active_mask(u)
     block = (mask.unsqueeze(-1) * mask.unsqueeze(-2)) > 0
     wd = gradient_decay(group)
     g = manifold.unpack(grad, check=False)[1]
     g = torch.where(block, g + wd * s if wd else g, 0.0)
     s_new, states = core_update(s, g, group, state, lambda x, key: x, support=block)
     if not last:
-        s.copy_(s_new)
         state.update(states)
-        return
-    truncate_and_carry(p, u, s_new, v, states, state, rank_policy(group, block.any(-1), manifold),
-                       group["m2_transport"] == "squared")
+        return cat_rows(u, s_new, v)
+    return truncate_and_carry(manifold, u, s_new, v, states, state, rank_policy(group, block.any(-1), manifold),
+                              group["m2_transport"] == "squared")

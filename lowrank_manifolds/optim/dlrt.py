@@ -39,6 +39,7 @@ from .._linalg import cat_last, leading, mT, pinv_core
 from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
     LowRankOptimizer,
+    active_first,
     adam_update,
     capacity_policy,
     check_betas,
@@ -59,6 +60,7 @@ from ._core import (
     tangent_augment,
     truncate_and_carry,
 )
+from ._faults import Layout, count, floating, pow2_scale, square_limit
 from .._args import nonneg, positive_int, unit_interval, user_stacklevel
 from .recorder import GradientRecorder
 
@@ -337,7 +339,7 @@ class DLRT(LowRankOptimizer):
         self._recorder = GradientRecorder(model) if model is not None else None
         self._grad_rtol = None if grad_rtol is None else nonneg(grad_rtol, "grad_rtol")
         self._fields: Dict[int, MatrixField] = {}
-        self._active: Dict[int, Tuple[Tensor, int]] = {}  # per step: mask and width of each weight
+        self._points: Dict[int, Tuple[Tensor, Tensor, Tensor]] = {}  # per step: a recorded weight's active_first
         self._warned = False
 
     def __getstate__(self):
@@ -352,7 +354,7 @@ class DLRT(LowRankOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._fields, self._active = {}, {}
+        self._fields, self._points = {}, {}
 
     @property
     def recorder(self) -> Optional[GradientRecorder]:
@@ -400,35 +402,25 @@ class DLRT(LowRankOptimizer):
     def _batchable(self, p: Tensor) -> bool:
         return id(p) not in self._fields  # a recorded field is built for its one weight
 
-    def _euclidean_step(self, params, group):
-        states = [self.state[p] for p in params]
+    def _euclidean_step(self, params, grads, states, group):
         foreach = group["foreach"]
         if foreach is None:  # torch.optim's own default (multi-tensor on CUDA), so the step is torch's
             foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
         if group["euclidean"] == "sgd":
-            sgd_update(params, states, group["lr"], group["momentum"], group["dampening"], group["nesterov"],
+            sgd_update(params, grads, states, group["lr"], group["momentum"], group["dampening"], group["nesterov"],
                        group["weight_decay"], foreach)
         else:
-            adam_update(params, states, group["lr"], group["betas"], group["eps"], group["weight_decay"],
+            adam_update(params, grads, states, group["lr"], group["betas"], group["eps"], group["weight_decay"],
                         group["euclidean"] == "adamw", foreach)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One step for every parameter with a gradient; ``closure`` as in ``torch.optim``.
+    def _begin_step(self) -> None:
+        # The recorded weights' fields are built and checked against p.grad for all weights
+        # first (class docstring, "one gradient channel"): a refused p.grad edit raises before
+        # anything is computed or written.
+        self._fields = self._recorded_fields()
 
-        The recorded weights' fields are built and checked against ``p.grad`` for all
-        weights first (class docstring, "one gradient channel"), so a refused ``p.grad``
-        edit raises before any parameter or state is written."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        try:
-            self._fields = self._recorded_fields()
-            super().step()
-        finally:
-            self._fields, self._active = {}, {}
-        return loss
+    def _end_step(self) -> None:
+        self._fields, self._points = {}, {}
 
     def _recorded_fields(self) -> Dict[int, MatrixField]:
         """The field of every recorded low-rank weight with a gradient (keyed by ``id``),
@@ -472,10 +464,13 @@ class DLRT(LowRankOptimizer):
     def _reconciled_field(self, p: Tensor, grad: Tensor, pair, weight_decay: float):
         r"""The field :math:`-(P_X G + c N') - \lambda W` of a recorded weight and the
         relative residual of :math:`p.grad \approx c \nabla_{rec}` divided by the
-        tolerance (a 0-d tensor; > 1 means refused). See the class docstring."""
+        tolerance (a 0-d tensor; > 1 means refused). See the class docstring. The weight's
+        point and gradient, active columns first (:func:`active_first`), are kept for its step."""
         manifold = p.manifold
-        r = self._active_of(p)[1]
-        u, s, v = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(p, check=False)))
+        x, grad, mask = self._points[id(p)] = active_first(manifold, p.detach(), grad)
+        # the integrators take unpadded factors: the largest active rank (a host read, none at fixed rank)
+        r = max(int(mask.sum(-1).max()), 1) if manifold.adaptive else manifold.capacity
+        u, s, v = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(x, check=False)))
         du, ds, dv = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(grad, check=False)))
         a, b = pair
         # the tangent part from p.grad
@@ -496,6 +491,12 @@ class DLRT(LowRankOptimizer):
         ntq = btq - v @ (mT(v) @ btq)  # N^T Q_u = (I - VV^T) B A^T Q_u
         # least squares p.grad ~ c * (G_rec V S^T, U^T G_rec V, G_rec^T U S), blockwise
         got, rec = (du, ds, dv), (gv_rec @ mT(s), mT(u) @ gv_rec, gtu_rec @ s)
+        # The check sums squares of gradient entries, which overflow float32 from ~1e19 on: both
+        # sides are scaled by powers of two first (exactly 1 for ordinary gradients: no bit
+        # changes), c in the scaled units, then in the field's.
+        limit = square_limit(p.dtype, sum(g.numel() for g in got))
+        sg, sr = (pow2_scale(torch.stack([t.abs().amax() for t in side]).amax(), limit) for side in (got, rec))
+        got, rec = [g / sg for g in got], [q / sr for q in rec]
         dot = sum(torch.linalg.vecdot(g.flatten(), q.flatten()) for g, q in zip(got, rec))
         rr = sum(torch.linalg.vecdot(q.flatten(), q.flatten()) for q in rec)
         gg = sum(torch.linalg.vecdot(g.flatten(), g.flatten()) for g in got)
@@ -504,6 +505,7 @@ class DLRT(LowRankOptimizer):
         res2 = sum(torch.linalg.vecdot(d.flatten(), d.flatten()) for d in (g - c * q for g, q in zip(got, rec)))
         rtol = self._grad_rtol if self._grad_rtol is not None else 10 * math.sqrt(torch.finfo(p.dtype).eps)
         residual = res2.sqrt() / (rtol * gg.sqrt().clamp(min=tiny))
+        c = c * (sg / sr)
         mm = ds + weight_decay * s if weight_decay else ds  # P_X(W) = U S V^T: only M
         # P_X G + c N' = U (M V^T + Vp^T) + Q_u (R_u V^T + c (N^T Q_u)^T): a pair of width 2r
         field = MatrixField((cat_last(u, q_u), -cat_last(v @ mT(mm) + vp, v @ mT(r_u) + c * ntq)))
@@ -517,20 +519,6 @@ class DLRT(LowRankOptimizer):
         dist.all_reduce(flat, group=self._process_group)
         flat /= dist.get_world_size(self._process_group)
         return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
-
-    def _active_of(self, p: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, int]:
-        """``(mask, r)``: the 0/1 active columns of ``p`` (``mask`` if given) and its largest
-        active rank ``r`` (the integrators take unpadded factors, active columns first), once
-        per weight and step: at fixed rank the rank (no sync), with a capacity one host sync."""
-        cached = self._active.get(id(p))
-        if cached is not None:
-            return cached
-        manifold = p.manifold
-        if mask is None:
-            mask = manifold.active_mask(manifold.unpack(p, check=False)[0])
-        r = max(int(mask.sum(-1).max()), 1) if manifold.adaptive else manifold.capacity
-        self._active[id(p)] = (mask, r)
-        return mask, r
 
     def _warn_unrecorded(self) -> None:
         if not self._warned:
@@ -553,26 +541,39 @@ class DLRT(LowRankOptimizer):
         return TangentField(u[..., :r], v[..., :r], -up[..., :r], -mm[..., :r, :r], -vp[..., :r])
 
 
-    def _lowrank_step(self, p, grad, group, state):
+    def _active_first(self, members, x, grad):
+        cached = self._points.get(id(members[0])) if len(members) == 1 else None  # a recorded weight's
+        return cached if cached is not None else super()._active_first(members, x, grad)
+
+    def _lowrank_layout(self, p, group) -> Layout:
+        cap = p.manifold.capacity
+        square = (*p.shape[:-2], cap, cap)
+        what = f"R x R coefficients of this low-rank weight of capacity R = {cap}"
+        return ({"step": count, "exp_avg": floating(square, what), "exp_avg_sq": floating(square, what),
+                 "exp_avg_sq_perp": floating((*p.shape[:-2], 2), "the second moments of its rotation blocks"),
+                 "momentum_buffer": floating(square, what, none=True), "phase": count},
+                (("step", "exp_avg", "exp_avg_sq"),))
+
+    def _lowrank_step(self, p, grad, group, state, mask, param):
         k = group["augment_every"]
         phase = cycle_phase(group, state)
         if phase > 0:  # inside a cycle: the core optimizer on S, bases fixed
-            return core_cycle_step(p, grad, group, state, phase == k - 1)
+            return core_cycle_step(p, grad, group, state, phase == k - 1, mask)
         init_state(state, group, p)
         if group["integrator"] == "parallel-bug":
-            uh, sh, vh, states, mask = self._tangent_update(p, grad, group, state)
+            uh, sh, vh, states, mask = self._tangent_update(p, grad, group, state, mask)
         else:
-            uh, sh, vh, states, mask = self._integrator_update(p, grad, group, state)
+            uh, sh, vh, states, mask = self._integrator_update(p, grad, group, state, mask, param)
         manifold = p.manifold
         # a cycle's first step keeps every direction the capacity holds: truncated at its end
         policy = rank_policy(group, mask, manifold) if k == 1 else (capacity_policy(manifold), None)
-        truncate_and_carry(p, uh, sh, vh, states, state, policy, group["m2_transport"] == "squared")
+        return truncate_and_carry(manifold, uh, sh, vh, states, state, policy, group["m2_transport"] == "squared")
 
     @staticmethod
-    def _tangent_update(p, grad, group, state):
+    def _tangent_update(p, grad, group, state, mask):
         """The tangent augmentation (``integrator="parallel-bug"``) and the core update on its
         coefficients: ``(U^, S^, V^, states, mask)``, states in the augmented coordinates."""
-        uh, vh, s0, gh, mask, (core, up, vp) = tangent_augment(p, grad, p.manifold)
+        uh, vh, s0, gh, mask, (core, up, vp) = tangent_augment(p, grad, p.manifold, mask)
         wd = gradient_decay(group)
         if wd:  # P_X(W) = W: the L2 term's coefficients are S^_0
             gh = gh + wd * s0
@@ -581,21 +582,20 @@ class DLRT(LowRankOptimizer):
         sh, states = core_update(s0, gh, group, state, lambda x, key: embed(x, k_u, k_v), core | up | vp, perp)
         return uh, sh, vh, states, mask
 
-    def _integrator_update(self, p, grad, group, state):
+    def _integrator_update(self, p, grad, group, state, mask, param):
         """One step of abc-PSI or augmented BUG on the weight's field: its own S-step
         (``core="flow"``), or its bases with the core update on the Galerkin coefficients:
         ``(U^, S^, V^, states, mask)``, states in the augmented coordinates."""
         manifold = p.manifold
         wd = gradient_decay(group)
-        field = self._fields.get(id(p))  # recorded: built and checked before any step
+        field = None if param is None else self._fields.get(id(param))  # recorded: built and checked first
         if field is None:  # the tangent field from p.grad
-            parts = riemannian_parts(p, grad, manifold)
-            u, s, v, mask = parts[:4]
+            parts = riemannian_parts(p, grad, manifold, mask)
+            u, s, v = parts[:3]
             self._warn_unrecorded()
             field = self._tangent_field(parts, manifold.capacity, wd)
         else:
             u, s, v = manifold.unpack(p, check=False)
-            mask = self._active_of(p)[0]
         # ranks as masks: each point steps its active factors alone (no host read of a rank)
         active = mask > 0 if manifold.adaptive else None
         uh, sh, vh = _INSTANCES[group["integrator"]].augmented_step(u, s, v, field, group["lr"], active=active)

@@ -123,7 +123,20 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._base import refuse_manifold_parameters
-from ._faults import check_finite_grads, check_finite_state_dict
+from ._faults import (
+    Layout,
+    admit_step,
+    check_groups,
+    checked_state_dict,
+    commit,
+    counter,
+    floating,
+    grad_limit,
+    pow2_scale,
+    square_limit,
+    stage_on_copies,
+    tag_state_dict,
+)
 
 __all__ = ["LoRAPreAdam", "adam_update_bound", "matrix_shape", "factored_rank", "newton_schulz"]
 
@@ -209,7 +222,12 @@ def _ridge_lstsq(mat: Tensor, rhs: Tensor, solve_eps: Optional[float]) -> Tensor
     finfo = torch.finfo(work)
     if solve_eps is None:
         solve_eps = finfo.eps
+    # The shift sums squares of the factor's entries, which overflow float32 from ~1e19 on: the
+    # solve runs on M / c, c a power of two (exactly 1 for ordinary factors: no bit changes),
+    # whose solution is c X (the shift is relative: it scales along).
     mat_w = mat.to(work)
+    scale = pow2_scale(mat_w.abs().amax(), square_limit(work, mat_w.numel()) / 2)
+    mat_w = mat_w / scale
     r = mat_w.shape[-1]
     q, r_m = torch.linalg.qr(mat_w)
     y = q.mT @ rhs.to(work)
@@ -219,7 +237,7 @@ def _ridge_lstsq(mat: Tensor, rhs: Tensor, solve_eps: Optional[float]) -> Tensor
     q2_top_t = q2[:r].mT
     x = torch.linalg.solve_triangular(r2, q2_top_t @ y, upper=True)
     x = x + torch.linalg.solve_triangular(r2, q2_top_t @ (y - r_m @ x), upper=True)
-    return x.to(rhs.dtype)
+    return (x / scale).to(rhs.dtype)
 
 
 def _newton_pair_(B: Tensor, A: Tensor, target: Tensor, c: float,
@@ -274,8 +292,12 @@ def newton_schulz(x: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     a, b, c = NS_COEFFICIENTS
+    # the norm sums squares, which overflow float32 from ~1e19 on: y / c first, c a power of two
+    # (exactly 1 for ordinary momenta: no bit changes), with eps / c (the same X_0)
     y = x.to(work)
-    y = y / (torch.linalg.matrix_norm(y) + eps)
+    scale = pow2_scale(y.abs().amax(), square_limit(work, y.numel()) / 2)
+    y = y / scale
+    y = y / (torch.linalg.matrix_norm(y) + eps / scale)
     for _ in range(steps):
         gram = y.mT @ y
         y = a * y + y @ (b * gram + c * (gram @ gram))
@@ -556,17 +578,58 @@ class LoRAPreAdam(Optimizer):
                 "with second_moment='abs' (current_gradient=True)"
             )
 
+    def state_dict(self) -> Dict[str, Any]:
+        """As ``torch.optim.Optimizer``'s, with the optimizer's class name in each param group
+        (``"saved_by"``; :meth:`load_state_dict` removes it)."""
+        return tag_state_dict(self, super().state_dict())
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer``'s, after checking that every floating-point state
-        tensor is finite (a ``ValueError`` names the parameter and the state key)."""
-        check_finite_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
+        """As ``torch.optim.Optimizer``'s, after the checks of
+        :func:`~lowrank_manifolds.optim._faults.checked_state_dict`: a state dict saved by
+        another optimizer, hyperparameters the constructor refuses (an error names the param
+        group and the key), and states that are not this optimizer's for these parameters (a
+        ``torch.optim.Adam`` state for a factored matrix, factors of another rank, a
+        non-finite value) raise with nothing loaded. Groups without this optimizer's options
+        (a ``torch.optim.Adam`` state dict for dense-state parameters) take its defaults."""
+        super().load_state_dict(checked_state_dict(self, state_dict, self._loaded_group, self._state_layout))
+
+    @staticmethod
+    def _with_current_gradient(group: Dict[str, Any]) -> Dict[str, Any]:
+        # current_gradient=None follows muon (the constructor's default)
+        if group.get("current_gradient") is None and "muon" in group:
+            return dict(group, current_gradient=not group["muon"])
+        return group
+
+    def _loaded_group(self, saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, Any]:
+        group = {**self.defaults, **self._with_current_gradient(saved)}
+        self._check_hyperparameters(group)
+        return group
+
+    def _state_layout(self, p: Tensor, group: Dict[str, Any]) -> Layout:
+        """The states :meth:`step` keeps for ``p`` (all of them, or none yet)."""
+        r = factored_rank(p.shape, group["rank"], group["always_factor"])
+        if r is None:
+            shape = tuple(p.shape)
+            expected = {"exp_avg": floating(shape, "Adam's first moment"),
+                        "exp_avg_sq": floating(shape, "Adam's second moment")}
+        else:
+            rows, cols = matrix_shape(p.shape)
+            expected = {}
+            if group["factor_first_moment"]:
+                expected["m_B"] = floating((rows, r), f"the first moment's left factor, rank {r}")
+                expected["m_A"] = floating((r, cols), f"the first moment's right factor, rank {r}")
+            else:
+                expected["exp_avg"] = floating((rows, cols), "Adam's first moment of the matrix view")
+            if not group["muon"]:
+                expected["v_B"] = floating((rows, r), f"the second moment's left factor, rank {r}")
+                expected["v_A"] = floating((r, cols), f"the second moment's right factor, rank {r}")
+        expected = {"step": counter(tensor_only=True), **expected}
+        return expected, (tuple(expected),)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group, validating its (possibly overridden) settings."""
         refuse_manifold_parameters(type(self).__name__, param_group, lowrank=False)
-        if param_group.get("current_gradient") is None and "muon" in param_group:
-            param_group = dict(param_group, current_gradient=not param_group["muon"])
+        param_group = self._with_current_gradient(param_group)
         self._check_hyperparameters({**self.defaults, **param_group})  # before anything is added
         super().add_param_group(param_group)
 
@@ -622,57 +685,72 @@ class LoRAPreAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.check_finite:
-            check_finite_grads(self)
+        check_groups(self, self._check_hyperparameters)
+        params = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                grad = p.grad
-                if grad is None:
+                if p.grad is None:
                     continue
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("LoRAPreAdam does not support sparse gradients")
                 if torch.is_complex(p):
                     raise RuntimeError("LoRAPreAdam does not support complex parameters")
-                state = self.state[p]
-                if len(state) == 0:
-                    self._init_state(p, grad, group, state)
-                step_t = state["step"]
-                if step_t.device != p.device:
-                    step_t = state["step"] = step_t.to(p.device)
-                step_t.add_(1)
-                if wd != 0:
-                    p.mul_(1.0 - lr * wd)
-                bias1 = 1.0 - beta1 ** step_t
-                if "m_B" in state and group["muon"]:
-                    m_B, m_A = state["m_B"], state["m_A"]
-                    g = grad.reshape(m_B.shape[0], -1)
-                    _newton_pair_(m_B, m_A, g, 1.0 - math.sqrt(beta1), group["solve_eps"],
-                                  group["factor_update"] == "simultaneous")
-                    # m = B A with orthonormal rows of A: NS(B A) = NS(B) A.
-                    ortho = newton_schulz(m_B, group["ns_steps"]) @ m_A
-                    scale = 0.2 * math.sqrt(max(g.shape))
-                    p.add_(ortho.view_as(p), alpha=-lr * scale)
-                    continue
-                if "v_B" in state:
-                    num, denom = self._factored_direction(grad, state, group, step_t)
-                    num = num.view_as(p)
-                    denom = denom.view_as(p)
-                else:
-                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                    exp_avg.lerp_(grad, 1.0 - beta1)
-                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                    bias2 = 1.0 - beta2 ** step_t
-                    denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)
-                    num = exp_avg
-                if "v_B" in state and group["update_bound"] is not None:
-                    ratio = (num / denom).mul_((1.0 / bias1).to(num.dtype))
-                    bound = _update_bound(group["update_bound"], beta1, beta2, step_t)
-                    p.add_(ratio.clamp_(-bound, bound), alpha=-lr)
-                else:
-                    p.addcdiv_(num * (lr / bias1).to(p.dtype), denom, value=-1.0)
+                params.append((p, group))
+        staged = {}
+        if self.check_finite:
+            over, _ = admit_step(self, lambda p: grad_limit(p.dtype))
+            flagged = [(p, group) for p, group in params if id(p) in over]
+            if flagged:  # gradients whose squares could overflow: stepped on copies and checked first
+                staged = stage_on_copies(self, [p for p, _ in flagged], lambda values, states: [
+                    self._param_step(value, p.grad, group, state)
+                    for (p, group), value, state in zip(flagged, values, states)])
+        for p, group in params:
+            if id(p) not in staged:
+                self._param_step(p, p.grad, group, self.state[p])
+        commit(self, staged)
         return loss
+
+    def _param_step(self, p: Tensor, grad: Tensor, group: Dict[str, Any], state: Dict[str, Any]) -> None:
+        """One step of ``p`` (a parameter, or a copy of one) with ``grad``, in place, and of its
+        ``state``."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        if len(state) == 0:
+            self._init_state(p, grad, group, state)
+        step_t = state["step"]
+        if step_t.device != p.device:
+            step_t = state["step"] = step_t.to(p.device)
+        step_t.add_(1)
+        if wd != 0:
+            p.mul_(1.0 - lr * wd)
+        bias1 = 1.0 - beta1 ** step_t
+        if "m_B" in state and group["muon"]:
+            m_B, m_A = state["m_B"], state["m_A"]
+            g = grad.reshape(m_B.shape[0], -1)
+            _newton_pair_(m_B, m_A, g, 1.0 - math.sqrt(beta1), group["solve_eps"],
+                          group["factor_update"] == "simultaneous")
+            # m = B A with orthonormal rows of A: NS(B A) = NS(B) A.
+            ortho = newton_schulz(m_B, group["ns_steps"]) @ m_A
+            scale = 0.2 * math.sqrt(max(g.shape))
+            p.add_(ortho.view_as(p), alpha=-lr * scale)
+            return
+        if "v_B" in state:
+            num, denom = self._factored_direction(grad, state, group, step_t)
+            num = num.view_as(p)
+            denom = denom.view_as(p)
+        else:
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(grad, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            bias2 = 1.0 - beta2 ** step_t
+            denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)
+            num = exp_avg
+        if "v_B" in state and group["update_bound"] is not None:
+            ratio = (num / denom).mul_((1.0 / bias1).to(num.dtype))
+            bound = _update_bound(group["update_bound"], beta1, beta2, step_t)
+            p.add_(ratio.clamp_(-bound, bound), alpha=-lr)
+        else:
+            p.addcdiv_(num * (lr / bias1).to(p.dtype), denom, value=-1.0)
 
     def _factored_direction(self, grad: Tensor, state: Dict[str, Any],
                             group: Dict[str, Any], step_t: Tensor) -> Tuple[Tensor, Tensor]:
@@ -690,8 +768,22 @@ class LoRAPreAdam(Optimizer):
         simultaneous = group["factor_update"] == "simultaneous"
         v_B, v_A = state["v_B"], state["v_A"]
         g = grad.reshape(v_B.shape[0], -1)
+        scale = kappa = None
         if current:  # the history, read before the factors absorb g_t
-            s = v_B @ v_A
+            if mode == "abs":
+                # beta2 kappa s^2 + (1 - beta2) g^2 squares |g|-sized values, which overflow
+                # float32 from ~1e19 on although its root, the denominator, is representable: it
+                # is formed from s / c and g / c, c a power of two (exactly 1 for ordinary values:
+                # no bit changes), and c multiplies the root back. |s| <= sqrt(r) max|v_B|, for
+                # v_A has orthonormal rows.
+                if group["history_bias_correction"]:
+                    kappa = _history_rescale(beta2, step_t).to(g.dtype)
+                big = v_B.abs().amax() * math.sqrt(v_B.shape[-1])
+                big = torch.maximum(big if kappa is None else big * kappa.sqrt(), g.abs().amax())
+                scale = pow2_scale(big, grad_limit(g.dtype))
+                s = (v_B / scale) @ v_A
+            else:
+                s = v_B @ v_A
             m = state["m_B"] @ state["m_A"] if "m_B" in state else None
         if "m_B" in state:
             _newton_pair_(state["m_B"], state["m_A"], g, 1.0 - math.sqrt(beta1), solve_eps, simultaneous)
@@ -703,15 +795,16 @@ class LoRAPreAdam(Optimizer):
         else:
             _newton_pair_(v_B, v_A, g * g, 1.0 - math.sqrt(beta2), solve_eps, simultaneous)
         if current:
+            root = (1.0 - beta2 ** step_t).sqrt().to(s.dtype)
             if mode == "abs":
                 s = s.square_()
-                if group["history_bias_correction"]:
-                    s.mul_(_history_rescale(beta2, step_t).to(s.dtype))
+                if kappa is not None:
+                    s.mul_(kappa)
+                g, root = g / scale, root / scale
             else:
                 s = s.clamp_min_(0.0)
             s.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            bias2 = 1.0 - beta2 ** step_t
-            return m, (s.sqrt_() / bias2.sqrt().to(s.dtype)).add_(group["eps"])
+            return m, (s.sqrt_() / root).add_(group["eps"])
         s = v_B @ v_A
         if mode == "abs":
             bias2 = 1.0 - math.sqrt(beta2) ** step_t
