@@ -8,7 +8,7 @@ Compared:
 * LoRA + Adam: plain factors W = P Q^T of rank R (Euclidean);
 * geoopt RiemannianAdam (unmodified) on the layers' rank-adaptive FixedRankManifold
   (capacity R, truncation by ``--tol`` at every retraction), at its own rate on the low-rank
-  weights (``--riemannian-lr``: its scalar second moment makes a step of norm about lr);
+  weights (``--riemannian-lr``; the row-wise second moment, the default, takes Adam-like rates);
 * GeometricAdam (this package), rank adaptive (``--tol``);
 * DLRT with abc-PSI and with augmented BUG, rank adaptive, one forward/backward per step
   (the recorded (x, dY) pair serves every product with G).
@@ -103,8 +103,8 @@ def make_optimizer(method, model, args):
     low = [layer.weight for layer in hidden_layers(model)]
     other = [p for p in model.parameters() if all(p is not q for q in low)]
     if method == "geoopt RiemannianAdam":
-        # its (scalar) second moment makes each low-rank step of Frobenius norm about lr: these
-        # weights need their own rate (benchmarks/bench_second_moment.py), the rest Adam's
+        # the low-rank weights get their own rate (benchmarks/bench_optimizers.py chose it on a
+        # validation split for the default, row-wise, second moment), the rest Adam's
         return geoopt.optim.RiemannianAdam([{"params": low, "lr": args.riemannian_lr}, {"params": other}], lr=args.lr)
     if method == "GeometricAdam":
         return GeometricAdam(model.parameters(), lr=args.lr)
@@ -165,9 +165,9 @@ def main():
         p.add_argument("--tol", type=float, default=0.2, help="relative truncation tolerance")
         p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
         p.add_argument("--dlrt-lr", type=float, default=1.0, help="DLRT step size h")
-        p.add_argument("--riemannian-lr", type=float, default=0.3,
-                       help="geoopt RiemannianAdam's lr on the low-rank weights (best of the grid of "
-                            "benchmarks/bench_second_moment.py; the other parameters: --lr)")
+        p.add_argument("--riemannian-lr", type=float, default=1e-3,
+                       help="geoopt RiemannianAdam's lr on the low-rank weights (the best of the grid of "
+                            "benchmarks/bench_optimizers.py; the other parameters: --lr)")
 
     args = parse_args(__doc__.splitlines()[0], add)
     if args.quick:

@@ -26,7 +26,7 @@ class Completion(nn.Module):
 
     def __init__(self, target, mask, seed=0):
         super().__init__()
-        self.manifold = FixedRankManifold(M, N, R)
+        self.manifold = FixedRankManifold(M, N, R, second_moment="scalar")  # the rates below are its
         self.weight = geoopt.ManifoldParameter(self.manifold.origin(dtype=F64, seed=seed), manifold=self.manifold)
         self.register_buffer("target", target)
         self.register_buffer("mask", mask)

@@ -51,8 +51,8 @@ def test_geoopt_contract():
     assert mf.check_point_on_manifold(x)
     p = geoopt.ManifoldParameter(x, manifold=mf)
     assert p.manifold is mf
-    assert "m=7, n=5, rank=3" in repr(mf) and "second_moment" not in repr(mf)
-    assert "second_moment='rows'" in repr(FixedRankManifold(7, 5, 3, second_moment="rows"))
+    assert "m=7, n=5, rank=3" in repr(mf) and "second_moment" not in repr(mf)  # the default, rows
+    assert "second_moment='scalar'" in repr(FixedRankManifold(7, 5, 3, second_moment="scalar"))
     o1, o2 = mf.origin(dtype=F64), mf.origin(dtype=F64)
     assert torch.equal(o1, o2) and isinstance(o1, geoopt.ManifoldTensor)
     batch = mf.random(4, 2, 15, 3)

@@ -509,8 +509,8 @@ def test_orthographic_retraction_layers_train_and_keep_their_retraction():
 
     def train(retraction):
         torch.manual_seed(2)
-        layer = LowRankLinear(20, 16, 4, retraction=retraction, dtype=DT)
-        opt = geoopt.optim.RiemannianAdam(layer.parameters(), lr=0.2)
+        layer = LowRankLinear(20, 16, 4, retraction=retraction, dtype=DT, second_moment="scalar")
+        opt = geoopt.optim.RiemannianAdam(layer.parameters(), lr=0.2)  # the scalar moment's rate
         for _ in range(100):
             opt.zero_grad()
             loss = F.mse_loss(layer(x), target)

@@ -119,8 +119,9 @@ def test_rows_shape_nonnegative_and_batched(mf0, seed):
 
 
 @given(fixed_rank_manifolds(10), seeds)
-def test_scalar_default_is_the_metric(mf, seed):
-    assert mf.second_moment == "scalar"
+def test_scalar_moment_is_the_metric_and_rows_the_default(mf, seed):
+    assert mf.second_moment == "rows"  # the default, the better first try (docs/training.md)
+    mf = FixedRankManifold(mf.m, mf.n, mf.rank, second_moment="scalar")
     x = make_point(mf, seed)
     u, v = make_tangent(mf, x, seed + 1), make_tangent(mf, x, seed + 2)
     assert torch.equal(mf.component_inner(x, u), mf.inner(x, u, keepdim=True))
@@ -207,7 +208,8 @@ def test_layers_take_the_second_moment_and_save_it(cls, args, tmp_path):
     torch.manual_seed(0)
     layer = getattr(lnn, cls)(*args, max_rank=args[-1] + 1, tol=0.1, second_moment="rows")
     assert layer.weight.manifold.second_moment == "rows"
-    assert getattr(lnn, cls)(*args).weight.manifold.second_moment == "scalar"
+    assert getattr(lnn, cls)(*args).weight.manifold.second_moment == "rows"  # the default
+    assert getattr(lnn, cls)(*args, second_moment="scalar").weight.manifold.second_moment == "scalar"
     model = torch.nn.Sequential(layer)
     lnn.save_lowrank(model, tmp_path)
     dense = torch.nn.Linear(args[0], args[1]) if cls == "LowRankLinear" else torch.nn.Conv2d(*args[:3])

@@ -148,7 +148,7 @@ def check_capacity(max_rank, rank: int, m: int, n: int, what: str) -> Optional[i
 
 
 def make_manifold(m: int, n: int, rank: int, max_rank, tol, retraction="metric",
-                  second_moment="scalar") -> FixedRankManifold:
+                  second_moment="rows") -> FixedRankManifold:
     """The weight's manifold: fixed rank, or rank-adaptive with capacity ``max_rank`` and
     truncation tolerance ``tol`` (relative); ``retraction`` and ``second_moment`` as
     :class:`FixedRankManifold`'s."""

@@ -57,10 +57,10 @@ class LowRankAdapterLinear(ManifoldModule):
         rounding, :math:`O(\epsilon_{mach} \|\Delta_0\|)`) without any extra buffer.
         If ``False``, the base is left untouched and the initial output differs by
         :math:`x\Delta_0^\top`, small by ``init_scale``.
-    second_moment : {"scalar", "rows"}
+    second_moment : {"rows", "scalar"}
         What stock ``geoopt.optim.RiemannianAdam`` keeps on the point (the manifold's
-        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"`` is the
-        gauge-invariant one ``docs/training.md`` recommends for it).
+        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"``, the default,
+        takes Adam-like learning rates, ``docs/training.md``).
 
     Notes
     -----
@@ -80,7 +80,7 @@ class LowRankAdapterLinear(ManifoldModule):
         tol: float = 0.0,
         init_scale: float = 1e-3,
         exact_init: bool = True,
-        second_moment: str = "scalar",
+        second_moment: str = "rows",
     ):
         super().__init__()
         if not isinstance(base, nn.Linear):

@@ -173,7 +173,7 @@ def convert_to_low_rank(
     exclude: Patterns = None,
     require_saving: bool = True,
     report: bool = False,
-    second_moment: str = "scalar",
+    second_moment: str = "rows",
 ) -> Union[nn.Module, SurgeryReport]:
     r"""Replace linear layers and ``nn.Conv2d`` layers by low-rank layers, in place.
 
@@ -218,10 +218,10 @@ def convert_to_low_rank(
         skipped one with its reason. A flag rather than a second function keeps one set of
         arguments and one code path, and existing callers unchanged; the report carries the
         module because the result is a new object when ``module`` is itself a layer.
-    second_moment : {"scalar", "rows"}
+    second_moment : {"rows", "scalar"}
         What stock ``geoopt.optim.RiemannianAdam`` keeps on the point (the manifold's
-        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"`` is the
-        gauge-invariant one ``docs/training.md`` recommends for it).
+        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"``, the default,
+        takes Adam-like learning rates, ``docs/training.md``).
 
     Returns
     -------
@@ -324,7 +324,7 @@ def add_adapters(
     max_rank: Optional[int] = None,
     tol: float = 0.0,
     report: bool = False,
-    second_moment: str = "scalar",
+    second_moment: str = "rows",
 ) -> Union[nn.Module, SurgeryReport]:
     r"""Wrap linear layers (``nn.Linear``, ``transformers``' ``Conv1D``, any registered type) in
     :class:`LowRankAdapterLinear`, in place.
@@ -354,10 +354,10 @@ def add_adapters(
     report : bool
         Return a :class:`~lowrank_manifolds.nn.report.SurgeryReport` instead of the module
         (see :func:`convert_to_low_rank`).
-    second_moment : {"scalar", "rows"}
+    second_moment : {"rows", "scalar"}
         What stock ``geoopt.optim.RiemannianAdam`` keeps on the point (the manifold's
-        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"`` is the
-        gauge-invariant one ``docs/training.md`` recommends for it).
+        :attr:`~lowrank_manifolds.FixedRankManifold.second_moment`; ``"rows"``, the default,
+        takes Adam-like learning rates, ``docs/training.md``).
 
     Notes
     -----

@@ -181,11 +181,11 @@ class LowRankLinear(_LowRankWeight):
         of ``m x r`` and ``n x r``, 13-17 % faster per RiemannianAdam step on the
         benchmark MLP (``docs/benchmarks.md``), but it needs ``S + M`` invertible
         and keeps the rank fixed (no ``max_rank``).
-    second_moment : {"scalar", "rows"}
+    second_moment : {"rows", "scalar"}
         What stock geoopt ``RiemannianAdam`` keeps as its second moment on this weight (see
-        :class:`~lowrank_manifolds.FixedRankManifold`): ``"scalar"`` (default), steps of
-        Frobenius norm about ``lr``; ``"rows"``, steps of about ``lr`` per entry of the
-        factors, at Adam-like rates (``docs/training.md``, which optimizer for what).
+        :class:`~lowrank_manifolds.FixedRankManifold`): ``"rows"`` (default), steps of about
+        ``lr`` per entry of the factors, at Adam-like rates; ``"scalar"``, steps of Frobenius
+        norm about ``lr`` (``docs/training.md``, which optimizer for what).
     dtype, device
         Factory arguments of the parameters.
 
@@ -218,7 +218,7 @@ class LowRankLinear(_LowRankWeight):
         bias: bool = True,
         *,
         max_rank: Optional[int] = None, tol: float = 0.0, retraction: str = "metric",
-        second_moment: str = "scalar",
+        second_moment: str = "rows",
         dtype: Optional[torch.dtype] = None, device=None,
     ):
         super().__init__()
@@ -260,7 +260,7 @@ class LowRankLinear(_LowRankWeight):
         rank: Optional[int] = None,
         *,
         svd_tol: Optional[float] = None, max_rank: Optional[int] = None, tol: Optional[float] = None,
-        rank_tol: Optional[float] = None, second_moment: str = "scalar",
+        rank_tol: Optional[float] = None, second_moment: str = "rows",
     ) -> "LowRankLinear":
         r"""A :class:`LowRankLinear` from the truncated SVD of a dense ``nn.Linear``.
 
@@ -283,7 +283,7 @@ class LowRankLinear(_LowRankWeight):
             cuts the initial SVD: the weight's own truncation policy applied to ``W``.
         rank_tol : float, optional
             Deprecated name of ``tol`` (the old ``tol`` is then ``svd_tol``).
-        second_moment : {"scalar", "rows"}, optional
+        second_moment : {"rows", "scalar"}, optional
             As the constructor's.
 
         Notes
@@ -398,7 +398,7 @@ class LowRankConv2d(_LowRankWeight):
         padding_mode: str = "zeros",
         *,
         max_rank: Optional[int] = None, tol: float = 0.0, retraction: str = "metric",
-        second_moment: str = "scalar",
+        second_moment: str = "rows",
         dtype: Optional[torch.dtype] = None, device=None,
     ):
         super().__init__()
@@ -529,7 +529,7 @@ class LowRankConv2d(_LowRankWeight):
         rank: Optional[int] = None,
         *,
         svd_tol: Optional[float] = None, max_rank: Optional[int] = None, tol: Optional[float] = None,
-        rank_tol: Optional[float] = None, second_moment: str = "scalar",
+        rank_tol: Optional[float] = None, second_moment: str = "rows",
     ) -> "LowRankConv2d":
         r"""A :class:`LowRankConv2d` from the truncated SVD of an ``nn.Conv2d``'s
         matricised kernel (``out x in*kh*kw``); arguments as

@@ -53,6 +53,7 @@ FORMAT = "lowrank_manifolds.lowrank/1"
 _META_KEY = "lowrank_manifolds"
 _INIT = "delta_init"
 _UNTOUCHED = "_lowrank_base_untouched"
+_OLD_MOMENT = "scalar"  # the second moment of layers saved before it was recorded (then the default)
 
 
 # ------------------------------------------------------------------ the adapters' initial offset
@@ -343,7 +344,7 @@ def _checked_point(name: str, key: str, saved: Tensor, mf, active_rank: Optional
 
 def _build_lowrank(spec: Dict[str, Any], dense: nn.Module, name: str) -> nn.Module:
     kw = dict(max_rank=spec["capacity"] if spec["adaptive"] else None, tol=spec.get("tol", 0.0),
-              retraction=spec["retraction"], second_moment=spec.get("second_moment", "scalar"))
+              retraction=spec["retraction"], second_moment=spec.get("second_moment", _OLD_MOMENT))
     if spec["class"] == "LowRankConv2d":
         if type(dense) is not nn.Conv2d:
             raise TypeError(f"{name}: the saved layer replaced an nn.Conv2d, the model has a {type(dense).__name__}")
@@ -379,7 +380,7 @@ def _build_adapter(spec: Dict[str, Any], base: nn.Linear, dense: nn.Module) -> L
     ``dense`` itself, which the constructor freezes and leaves otherwise unchanged)."""
     adapter = LowRankAdapterLinear(base, spec["rank"], max_rank=spec["capacity"] if spec["adaptive"] else None,
                                    tol=spec.get("tol", 0.0), init_scale=spec["init_scale"], exact_init=False,
-                                   second_moment=spec.get("second_moment", "scalar"))
+                                   second_moment=spec.get("second_moment", _OLD_MOMENT))
     set_origin_type(adapter, type(dense))
     adapter.train(dense.training)
     return adapter
