@@ -227,3 +227,92 @@ def test_functional_call_with_plain_packed_tensors(kind):
     params[name] = torch.zeros(2, 2, dtype=F64)
     with pytest.raises(TypeError, match=rf"the {name} of this {type(layer).__name__} is a Tensor of shape \(2, 2\)"):
         torch.func.functional_call(layer, params, (x,))
+
+
+# --------------------------------------------------------------------------
+# finite gradients too large for a step's values
+# --------------------------------------------------------------------------
+F32 = torch.float32
+HUGE = {
+    **OPTIMIZERS,  # dlrt-recorded: abc-PSI
+    "geometric-adam-k3": lambda m: GeometricAdam(m.parameters(), lr=0.01, augment_every=3),
+    "dlrt-augmented-flow": lambda m: DLRT(m.parameters(), lr=0.1, integrator="augmented-bug", model=m),
+    "dlrt-augmented-momentum": lambda m: DLRT(m.parameters(), lr=0.05, integrator="augmented-bug", core="momentum",
+                                              momentum=0.9, model=m),
+    "dlrt-augmented-adam": lambda m: DLRT(m.parameters(), lr=0.01, integrator="augmented-bug", core="adam",
+                                          euclidean="adam", model=m),
+    "lora-pre-reconstruction": lambda m: LoRAPreAdam(m.parameters(), lr=0.01, rank=2, current_gradient=False),
+}
+
+
+def scaled_backward(model, opt, x, y, magnitude):
+    """A backward pass whose gradients are scaled uniformly (as GradScaler's, which the recorded
+    field accepts) so that their largest entry is ``magnitude``."""
+    backward(model, opt, x, y)
+    scale = magnitude / max(float(p.grad.abs().max()) for p in model.parameters())
+    for p in model.parameters():
+        p.grad.copy_((p.grad.double() * scale).to(p.grad.dtype))
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30, 3e38])
+@pytest.mark.parametrize("name", list(HUGE))
+def test_a_finite_gradient_never_makes_a_weight_or_state_nonfinite(name, magnitude):
+    """float32. Before: 1e30 put inf into GeometricAdam's exp_avg_sq and NaN into the weight one
+    step later, stalled augmented BUG + Adam into an SVD error, and LoRAPreAdam made NaN
+    weights. Now each step (the huge one, then an ordinary one) is either taken with every
+    weight and state finite, or refused by FloatingPointError with all of them bitwise as
+    before. 1e20, whose (1 - beta2) g^2 float32 holds, is taken (torch.optim.Adam takes it)."""
+    x, y = data(F32)
+    model = make_model(name.split("-reconstruction")[0], F32)
+    opt = HUGE[name](model)
+    for _ in range(2):
+        backward(model, opt, x, y)
+        opt.step()
+    for huge in (True, False):
+        if huge:
+            scaled_backward(model, opt, x, y, magnitude)
+        else:
+            backward(model, opt, x, y)
+        before = snapshot(model, opt)
+        try:
+            opt.step()
+        except FloatingPointError:
+            assert not (huge and magnitude == 1e20)
+            assert_bitwise_equal(snapshot(model, opt), before)
+            continue
+        params, states = snapshot(model, opt)
+        assert all(bool(torch.isfinite(p).all()) for p in params)
+        assert all(bool(torch.isfinite(v).all()) for s in states.values() for v in s.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("ours, torchs, refused_at", [
+    (lambda ps: GeometricAdam(ps, lr=0.01), lambda ps: torch.optim.Adam(ps, lr=0.01), 1e30),
+    (lambda ps: DLRT(ps, lr=0.01, euclidean="adamw", weight_decay=0.1),
+     lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1), 1e30),
+    (lambda ps: GeometricSGD(ps, lr=0.01, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), None),
+], ids=["adam", "adamw", "sgd"])
+def test_an_ordinary_parameter_with_a_huge_gradient_steps_as_torch_or_is_refused(ours, torchs, refused_at):
+    """Above sqrt(float max)/2 an ordinary parameter's step is taken on copies and checked:
+    where torch's values are finite it is torch's, bitwise (Adam at 1e20, SGD up to 3e38); where
+    torch.optim.Adam's exp_avg_sq becomes inf (from 1e30 on) it is refused, nothing changed."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.ParameterList([nn.Parameter(torch.randn(5, 4, generator=gen))])
+    w, ref = model[0], nn.Parameter(model[0].detach().clone())
+    opt, ref_opt = ours([w]), torchs([ref])
+    for magnitude in (1.0, 1.0, 1e20, 1e30, 3e38):
+        g = torch.randn(5, 4, generator=gen)
+        w.grad, ref.grad = g * (magnitude / g.abs().max()), g * (magnitude / g.abs().max())
+        before = snapshot(model, opt)
+        ref_opt.step()
+        if magnitude == refused_at:
+            assert not bool(torch.isfinite(ref_opt.state[ref]["exp_avg_sq"]).all())  # torch's inf
+            with pytest.raises(FloatingPointError, match=r"parameter 0 of param group 0 .* would make its "
+                                                          r"state 'exp_avg_sq' non-finite"):
+                opt.step()
+            assert_bitwise_equal(snapshot(model, opt), before)
+            return
+        opt.step()
+        assert torch.equal(w, ref)
+        for key, value in ref_opt.state[ref].items():
+            assert torch.equal(opt.state[w][key], value), key
+    assert refused_at is None
