@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowrank_manifolds import FixedRankManifold
+from lowrank_manifolds.nn import LowRankLinear
 
 F64 = torch.float64
 M, N, R = 30, 25, 3
@@ -116,3 +117,26 @@ def test_manifold_parameter_round_trips_through_state_dict():
     other = Completion(target, mask, seed=4)
     other.load_state_dict(model.state_dict())
     assert torch.equal(other.weight, model.weight)
+
+
+def test_stock_geoopt_steps_parameter_by_parameter_and_a_prior_check_keeps_them_all():
+    """geoopt's optimizers step one parameter at a time: a NaN gradient on the second low-rank
+    weight raises in its egrad2rgrad after the first was stepped (what docs/training.md says).
+    ``clip_grad_norm_(..., error_if_nonfinite=True)`` before the step (or GradScaler) raises
+    with every parameter unchanged."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LowRankLinear(6, 5, 2), LowRankLinear(5, 4, 2))
+    opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 6)).pow(2).sum().backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.step()
+    assert not torch.equal(model[0].weight, before[0])  # the first weight was stepped
+    for p, b in zip(model.parameters(), before):
+        p.data.copy_(b)
+    opt.state.clear()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"), error_if_nonfinite=True)
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
