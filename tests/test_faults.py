@@ -316,3 +316,26 @@ def test_an_ordinary_parameter_with_a_huge_gradient_steps_as_torch_or_is_refused
         for key, value in ref_opt.state[ref].items():
             assert torch.equal(opt.state[w][key], value), key
     assert refused_at is None
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+@pytest.mark.parametrize("current", [True, False])
+def test_lora_pre_factored_moments_step_through_a_huge_gradient_as_in_float64(current, magnitude):
+    """LoRAPreAdam's factored "abs" moments hold |g|-sized values, so float32 can take the step of
+    a 1e30 gradient; the squares on the way (the denominator's beta2 s^2 + (1 - beta2) g^2, the
+    solves' shift) are formed after an exact power-of-two scaling. The float32 run follows the
+    float64 one (the reference, far from overflow) to 2.7e-5 of the update (measured), where
+    the squares before the scaling gave NaN weights."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(12, 10, generator=gen, dtype=F64)
+    grads = [torch.randn(12, 10, generator=gen, dtype=F64) for _ in range(6)]
+    updates = []
+    for dtype in (F64, F32):
+        w = nn.Parameter(w0.to(dtype, copy=True))
+        opt = LoRAPreAdam([w], lr=0.01, rank=3, current_gradient=current)
+        for i, g in enumerate(grads):
+            w.grad = (g * ((magnitude if i == 3 else 1.0) / g.abs().max())).to(dtype)
+            opt.step()
+        updates.append(w.detach().double() - w0)
+    assert bool(torch.isfinite(updates[1]).all())
+    assert (updates[1] - updates[0]).abs().max() < 1e-4 * updates[0].abs().max()

@@ -135,8 +135,8 @@ def unrepresentable_error(optimizer: torch.optim.Optimizer, p: Tensor, what: str
     grad = "" if p.grad is None else f" (largest gradient entry {_max_abs([p.grad])[0]:.3g})"
     return FloatingPointError(
         f"{type(optimizer).__name__}: the step of {where_of(optimizer, p)}{grad} would make {what} "
-        f"non-finite: a value of the step exceeds the range of {p.dtype} (e.g. Adam's second "
-        f"moment (1 - beta2) g^2, above {torch.finfo(p.dtype).max:.3g})"
+        f"non-finite: a value of the step exceeds the largest {p.dtype}, {torch.finfo(p.dtype).max:.3g} "
+        "(as Adam's second moment (1 - beta2) g^2 of a large gradient does)"
         + (f" [{cause}]" if cause else "")
         + "; the step was not taken (parameters, states and step counters are unchanged)"
     )

@@ -468,10 +468,22 @@ class LoRAPreAdam(Optimizer):
     place of ``m_B``, ``m_A``). State per dense parameter:
     ``step``, ``exp_avg``, ``exp_avg_sq`` exactly as in ``torch.optim.Adam``.
     :meth:`step` performs no host-device synchronisation other than its finiteness
-    check: with ``check_finite = True`` (default; an attribute) a non-finite gradient raises
-    ``FloatingPointError`` naming the parameter before anything is written (one
-    ``isfinite`` reduction per gradient, one host sync per step, free on the CPU).
-    ``load_state_dict`` rejects non-finite state tensors by name.
+    check, and is taken whole or not at all: the hyperparameters in ``param_groups`` (edited
+    mid-run, say) are checked first by the constructor's checks (``ValueError`` naming the
+    param group and the key; they are Python numbers: a tensor is refused); with
+    ``check_finite = True`` (default; an attribute) a non-finite gradient raises
+    ``FloatingPointError`` naming the parameter before anything is written (one multi-tensor
+    max-abs per device and dtype, one host sync per step, free on the CPU), and a parameter
+    whose gradient exceeds :func:`~lowrank_manifolds.optim._faults.grad_limit` (9.2e18 in
+    float32) is stepped on copies and checked first (one more host sync in such a step): a
+    finite gradient never leaves a weight or a state non-finite. Where a value truly cannot be
+    represented (Adam's ``exp_avg_sq`` of a dense-state parameter, or ``"square"``'s factors,
+    from gradients of ~1e20 to 1e30 on in float32) the step raises ``FloatingPointError``
+    with everything unchanged; the factored ``"abs"`` moments hold ``|g|``-sized values and
+    take such steps. ``state_dict`` saves the optimizer's class name in each param group;
+    ``load_state_dict`` refuses another optimizer's state dict, hyperparameters the
+    constructor refuses and states that are not this optimizer's for these parameters, with
+    nothing loaded.
     """
 
     check_finite: bool = True
