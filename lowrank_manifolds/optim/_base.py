@@ -289,11 +289,13 @@ class LowRankOptimizer(torch.optim.Optimizer):
       entry above :func:`~lowrank_manifolds.optim._faults.grad_limit` (9.2e18 in float32) is
       stepped on copies and checked the same way (a gradient of 1e20 then steps as
       ``torch.optim.Adam`` does, one of 1e30, whose ``(1 - beta2) g^2`` float32 cannot hold, is
-      refused); below it no value of its step can overflow. Cost: one multi-tensor max-abs
-      per device and dtype over the gradients and the low-rank results and one host
-      synchronisation for each (free on the CPU), a second one only in a step with such a
-      large gradient. Under ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` skips steps
-      with infs before this check is reached.
+      refused); below it no square of its step comes near the dtype's range. Cost: one
+      multi-tensor max-abs per device and dtype over the gradients and the low-rank results
+      and one host synchronisation for each (free on the CPU), a second one only in a step
+      with such a large gradient; the new points and states of the low-rank weights are held
+      until they are written (at the peak, about one more copy of them). Under
+      ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` skips steps with infs before this
+      check is reached.
     * Hyperparameters edited in ``param_groups`` (``lr``, ``betas``, ``eps``, the core, the
       truncation options, ...) are checked at the start of every step by the constructor's
       own checks: ``ValueError`` (``TypeError`` for a wrong type) naming the param group and

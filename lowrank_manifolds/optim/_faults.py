@@ -47,8 +47,8 @@ def grad_limit(dtype: torch.dtype) -> float:
     """The largest gradient entry (in magnitude) with which a step of an ordinary parameter is
     taken without first computing it on copies: half of :func:`square_limit` (9.2e18 in float32
     and bfloat16, 128 in float16). Below it Adam's ``(1 - beta2) g^2`` and every other square of
-    the step stays below a quarter of the dtype's range, so with states that such steps wrote
-    nothing overflows; above it the step is computed on copies and checked (see
+    the step stays below a quarter of the dtype's range, and so do the second moments that
+    such steps wrote; above it the step is computed on copies and checked (see
     :func:`admit_step`)."""
     return square_limit(dtype) / 2
 
