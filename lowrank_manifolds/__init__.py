@@ -17,9 +17,19 @@ Where things live:
 - ``lowrank_manifolds.hf``: Hugging Face ``Trainer`` glue (needs the ``hf`` extra; imported
   only when used).
 """
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # geoopt 0.5.1 scripts its functions when imported, and torch deprecates torch.jit.script:
+    # 73 warnings about geoopt, none about the user's code. Silenced for that import only.
+    _warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+    import geoopt as _geoopt  # noqa: F401
+
 from . import integrators, nn, optim
 from .manifold import FixedRankManifold
 
 __version__ = "0.1.0"
+
+del _warnings, _geoopt
 
 __all__ = ["FixedRankManifold", "integrators", "nn", "optim", "__version__"]

@@ -68,3 +68,17 @@ def test_no_import_cycle():
         if node not in state:
             visit(node, [node])
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_importing_the_package_warns_nothing():
+    """geoopt's 73 torch.jit.script deprecation warnings at its import are not the user's:
+    importing this package (which imports geoopt) shows none, and leaves the user's warning
+    filters as they were."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; "
+            "import lowrank_manifolds, lowrank_manifolds.nn, lowrank_manifolds.optim, lowrank_manifolds.testing; "
+            "assert not any(f[1] is not None and 'jit' in f[1].pattern for f in warnings.filters), 'a filter left'")
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

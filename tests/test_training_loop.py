@@ -95,3 +95,33 @@ def test_accumulate_scale_clip_schedule_checkpoint_resume(kind):
     for (name, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), name
     assert scaler.get_scale() == scaler2.get_scale()
+
+
+def test_a_euclidean_optimizer_on_fixed_rank_points_warns_once_at_the_users_line():
+    """torch.optim.AdamW on a converted model steps the packed factors as plain tensors and
+    leaves the manifold: its first step warns (once per optimizer, attributed to the caller);
+    Riemannian optimizers and Euclidean ones on plain tensors do not."""
+    import warnings
+
+    import geoopt
+
+    from lowrank_manifolds.nn import LowRankLinear
+    from lowrank_manifolds.optim import GeometricAdam
+
+    def steps(make, model, n=2):
+        opt = make(model.parameters())
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                opt.zero_grad()
+                model(torch.randn(3, 6)).sum().backward()
+                opt.step()
+        return [w for w in seen if "fixed-rank points" in str(w.message)]
+
+    lowrank = torch.nn.Sequential(LowRankLinear(6, 5, 2))
+    hits = steps(lambda p: torch.optim.AdamW(p, lr=1e-3), lowrank)
+    assert len(hits) == 1 and "AdamW" in str(hits[0].message) and hits[0].filename == __file__
+    assert not lowrank[0].manifold.check_point_on_manifold(lowrank[0].weight.detach())  # why it warns
+    for make in (lambda p: geoopt.optim.RiemannianAdam(p, lr=1e-3), lambda p: GeometricAdam(p, lr=1e-3)):
+        assert not steps(make, torch.nn.Sequential(LowRankLinear(6, 5, 2)))
+    assert not steps(lambda p: torch.optim.AdamW(p, lr=1e-3), torch.nn.Sequential(torch.nn.Linear(6, 5)))

@@ -10,6 +10,7 @@
 
 What they share (the step loop, the finiteness checks, the truncation) is in ``_base``.
 """
+from . import _guard  # noqa: F401  (warns when a torch optimizer steps fixed-rank points)
 from ._base import is_lowrank_parameter
 from ..integrators import INTEGRATORS  # moved to lowrank_manifolds.integrators; kept here
 from .dlrt import DLRT
