@@ -12,6 +12,8 @@ Where things live:
 - ``lowrank_manifolds.optim``: low-rank optimizers: ``geometric`` (GeometricSGD/Adam),
   ``dlrt`` (DLRT) with its gradient ``recorder``, ``lora_pre`` (LoRAPreAdam), the shared
   step loop in ``_base``;
+- ``lowrank_manifolds.completion``: the sampled least-squares loss of matrix completion from
+  sparse kernels (``Observations``);
 - ``lowrank_manifolds.testing``: Hypothesis strategies and checks (needs hypothesis);
 - ``lowrank_manifolds.lab``: the integrator lab (test problems and studies);
 - ``lowrank_manifolds.hf``: Hugging Face ``Trainer`` glue (needs the ``hf`` extra; imported
