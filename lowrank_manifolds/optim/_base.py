@@ -41,7 +41,7 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
 from .._args import deprecated, nonneg, positive_int, renamed, unit_interval, user_stacklevel
-from .._linalg import cat_rows, mT, pinv_core
+from .._linalg import mT, pinv_core
 from ..truncation import Truncation
 from ..manifold import FixedRankManifold
 from ._faults import (
@@ -123,20 +123,25 @@ def active_first(manifold: FixedRankManifold, x: Tensor, grad: Tensor) -> Tuple[
     A point whose active columns are not first (one written by hand, say) is the same matrix
     with its columns permuted: the columns of ``U`` and ``V`` and the rows and columns of ``S``
     (and of the gradient, which follows the point) are reordered by a stable sort of the mask,
-    so each step sees the valid point it denotes. No host read; an ordered point comes back as
-    an exact copy, so its step is unchanged. (A fixed-rank point has no inactive column.)"""
+    so each step sees the valid point it denotes. No host read on an accelerator, where an
+    ordered point comes back as an exact copy; on the CPU, where a read is free, as itself. Either
+    way its step is unchanged. (A fixed-rank point has no inactive column.)"""
     mask = manifold.active_mask(manifold.unpack(x, check=False)[0])
     if not manifold.adaptive:
         return x, grad, mask
-    mask, order = torch.sort(mask, dim=-1, descending=True, stable=True)
+    ordered, order = torch.sort(mask, dim=-1, descending=True, stable=True)
+    if x.device.type == "cpu" and torch.equal(ordered, mask):  # a host read is free on the CPU: no copies
+        return x, grad, mask
+    m, cap, n = manifold.m, manifold.capacity, manifold.n
+    every = torch.arange(m + cap + n, device=x.device).expand(*order.shape[:-1], -1)
+    rows = torch.cat([every[..., :m], m + order, every[..., m + cap:]], -1).unsqueeze(-1)
+    cols = order.unsqueeze(-2)
 
-    def permute(t: Tensor) -> Tensor:
-        u, s, v = manifold.unpack(t, check=False)
-        cols = order.unsqueeze(-2)
-        s = torch.take_along_dim(torch.take_along_dim(s, order.unsqueeze(-1), -2), cols, -1)
-        return cat_rows(torch.take_along_dim(u, cols, -1), s, torch.take_along_dim(v, cols, -1))
+    def permute(t: Tensor) -> Tensor:  # the columns of [U; S; V], then the rows of S
+        t = torch.gather(t, -1, cols.expand(t.shape))
+        return torch.gather(t, -2, rows.expand(t.shape))
 
-    return permute(x), permute(grad), mask
+    return permute(x), permute(grad), ordered
 
 
 def truncate(uh: Tensor, sh: Tensor, vh: Tensor, policy: Truncation, rank: Optional[Tensor] = None) -> Tuple[Tensor, ...]:

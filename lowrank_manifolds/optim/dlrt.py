@@ -60,7 +60,7 @@ from ._core import (
     tangent_augment,
     truncate_and_carry,
 )
-from ._faults import Layout, count, floating, pow2_scale, square_limit
+from ._faults import Layout, count, floating, max_abs, pow2_scale, square_limit
 from .._args import nonneg, positive_int, unit_interval, user_stacklevel
 from .recorder import GradientRecorder
 
@@ -491,11 +491,12 @@ class DLRT(LowRankOptimizer):
         ntq = btq - v @ (mT(v) @ btq)  # N^T Q_u = (I - VV^T) B A^T Q_u
         # least squares p.grad ~ c * (G_rec V S^T, U^T G_rec V, G_rec^T U S), blockwise
         got, rec = (du, ds, dv), (gv_rec @ mT(s), mT(u) @ gv_rec, gtu_rec @ s)
-        # The check sums squares of gradient entries, which overflow float32 from ~1e19 on: both
-        # sides are scaled by powers of two first (exactly 1 for ordinary gradients: no bit
-        # changes), c in the scaled units, then in the field's.
+        # The check sums squares of gradient entries, which overflow float32 from ~1e19 on: each
+        # side is scaled by a power of two first (exactly 1 for ordinary gradients: no bit
+        # changes; its own, as p.grad may be many orders of magnitude the recorded gradient),
+        # c in the scaled units, then in the field's.
         limit = square_limit(p.dtype, sum(g.numel() for g in got))
-        sg, sr = (pow2_scale(torch.stack([t.abs().amax() for t in side]).amax(), limit) for side in (got, rec))
+        sg, sr = (pow2_scale(torch.stack([max_abs(t) for t in side]).amax(), limit) for side in (got, rec))
         got, rec = [g / sg for g in got], [q / sr for q in rec]
         dot = sum(torch.linalg.vecdot(g.flatten(), q.flatten()) for g, q in zip(got, rec))
         rr = sum(torch.linalg.vecdot(q.flatten(), q.flatten()) for q in rec)

@@ -132,6 +132,7 @@ from ._faults import (
     counter,
     floating,
     grad_limit,
+    max_abs,
     pow2_scale,
     square_limit,
     stage_on_copies,
@@ -203,7 +204,7 @@ def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _ridge_lstsq(mat: Tensor, rhs: Tensor, solve_eps: Optional[float]) -> Tensor:
+def _ridge_lstsq(mat: Tensor, rhs: Tensor, solve_eps: Optional[float], orthonormal: bool = False) -> Tensor:
     r"""Regularised least squares :math:`\min_X \|M X - R\|_F` (``M``: ``n x r``, ``n >= r``).
 
     Solves the normal equations :math:`M^\top M X = M^\top R` with the
@@ -216,7 +217,8 @@ def _ridge_lstsq(mat: Tensor, rhs: Tensor, solve_eps: Optional[float]) -> Tensor
     :math:`X_1 = X_0 + R_2^{-1} Q_{2,\mathrm{top}}^\top (Q^\top R - R_M X_0)`.
     Only triangular solves with :math:`R_2` occur, so rounding errors grow
     like :math:`\operatorname{cond}(M)`, not its square. Returns ``X``
-    (``r x k``) in the dtype of ``rhs``.
+    (``r x k``) in the dtype of ``rhs``. ``orthonormal``: ``M`` has orthonormal columns (its
+    entries are at most 1), so its squares cannot overflow.
     """
     work = _solve_dtype(mat.dtype)
     finfo = torch.finfo(work)
@@ -226,8 +228,10 @@ def _ridge_lstsq(mat: Tensor, rhs: Tensor, solve_eps: Optional[float]) -> Tensor
     # solve runs on M / c, c a power of two (exactly 1 for ordinary factors: no bit changes),
     # whose solution is c X (the shift is relative: it scales along).
     mat_w = mat.to(work)
-    scale = pow2_scale(mat_w.abs().amax(), square_limit(work, mat_w.numel()) / 2)
-    mat_w = mat_w / scale
+    scale = 1.0
+    if not orthonormal:
+        scale = pow2_scale(max_abs(mat_w), square_limit(work, mat_w.numel()) / 2)
+        mat_w = mat_w / scale
     r = mat_w.shape[-1]
     q, r_m = torch.linalg.qr(mat_w)
     y = q.mT @ rhs.to(work)
@@ -256,7 +260,7 @@ def _newton_pair_(B: Tensor, A: Tensor, target: Tensor, c: float,
     :func:`_ridge_lstsq`.
     """
     a_target = _ridge_lstsq(B, target, solve_eps) if simultaneous else None
-    B.lerp_(_ridge_lstsq(A.mT, target.mT, solve_eps).mT, c)
+    B.lerp_(_ridge_lstsq(A.mT, target.mT, solve_eps, orthonormal=True).mT, c)  # A: orthonormal rows
     A.lerp_(_ridge_lstsq(B, target, solve_eps) if a_target is None else a_target, c)
     _regauge_(B, A)
 
@@ -295,7 +299,7 @@ def newton_schulz(x: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     # the norm sums squares, which overflow float32 from ~1e19 on: y / c first, c a power of two
     # (exactly 1 for ordinary momenta: no bit changes), with eps / c (the same X_0)
     y = x.to(work)
-    scale = pow2_scale(y.abs().amax(), square_limit(work, y.numel()) / 2)
+    scale = pow2_scale(max_abs(y), square_limit(work, y.numel()) / 2)
     y = y / scale
     y = y / (torch.linalg.matrix_norm(y) + eps / scale)
     for _ in range(steps):
@@ -790,8 +794,8 @@ class LoRAPreAdam(Optimizer):
                 # v_A has orthonormal rows.
                 if group["history_bias_correction"]:
                     kappa = _history_rescale(beta2, step_t).to(g.dtype)
-                big = v_B.abs().amax() * math.sqrt(v_B.shape[-1])
-                big = torch.maximum(big if kappa is None else big * kappa.sqrt(), g.abs().amax())
+                big = max_abs(v_B) * math.sqrt(v_B.shape[-1])
+                big = torch.maximum(big if kappa is None else big * kappa.sqrt(), max_abs(g))
                 scale = pow2_scale(big, grad_limit(g.dtype))
                 s = (v_B / scale) @ v_A
             else:
