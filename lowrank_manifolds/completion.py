@@ -113,6 +113,27 @@ class Observations:
         return _SampledLoss.apply(x, manifold, self)
 
 
+    def exact_step(self, x: Tensor, manifold, direction: Tensor) -> Tensor:
+        r"""The minimiser :math:`t^*` of :math:`f(X + t\xi)` for the tangent vector ``direction``
+        (packed ``[Up; M; Vp]``) at ``x``: along the straight line the loss is quadratic in
+        :math:`t`, so :math:`t^* = -\langle R, Q\rangle_w / \langle Q, Q\rangle_w` with the
+        residual :math:`R` and :math:`Q = P_\Omega(\xi)`, :math:`\xi = [UM + U_p, U][V, V_p]^\top`
+        sampled in one product of rank 2R (Vandereycken 2013, Sec. 4.3: the initial step of
+        LRGeomCG's line search). A 0-d tensor (no host sync); 0 where :math:`Q = 0`."""
+        manifold._check_packed(direction, "direction")
+        parts = self._parts(x)
+        with torch.no_grad():
+            u, _, v = manifold.unpack(x)
+            up, mm, vp = manifold.unpack(direction)
+            pattern = _csr(parts["crow"], parts["col"], parts["targets"], self.shape)
+            q = torch.sparse.sampled_addmm(pattern, torch.cat([u @ mm + up, u], -1), mT(torch.cat([v, vp], -1)),
+                                           beta=0.0).values()
+            wq = parts["weights"] * q
+            den = (wq * q).sum()
+            return torch.where(den > 0, -(wq * _residual(x, manifold, parts)).sum() / den.clamp_min(
+                torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+
+
 def sampled_loss(x: Tensor, manifold, rows: Tensor, cols: Tensor, values: Tensor,
                  weights: Optional[Tensor] = None) -> Tensor:
     """:meth:`Observations.loss` of the entries ``(rows, cols, values)``, building the pattern on
