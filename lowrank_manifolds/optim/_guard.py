@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .._args import user_stacklevel
 from ..manifold import FixedRankManifold
 from ._base import LowRankOptimizer
+from .cg import RiemannianCG
 
 _CHECKED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
@@ -27,7 +28,7 @@ def _warn_if_euclidean(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if optimizer in _CHECKED:
         return None
     _CHECKED.add(optimizer)
-    if isinstance(optimizer, (OptimMixin, LowRankOptimizer)):
+    if isinstance(optimizer, (OptimMixin, LowRankOptimizer, RiemannianCG)):
         return None
     if any(isinstance(getattr(p, "manifold", None), FixedRankManifold)
            for group in optimizer.param_groups for p in group["params"]):
