@@ -28,7 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._linalg import cat_last, cat_rows, mT
+from .._linalg import cat_last, cat_rows, mT, qr
 from ..manifold import FixedRankManifold
 from ._base import rank_policy, riemannian_parts, truncate
 
@@ -53,7 +53,7 @@ def _augmented_basis(u: Tensor, gv: Tensor, mask: Tensor) -> Tuple[Tensor, Tenso
     old directions, and everything that an inactive (zero) column of ``U`` or ``GV`` touches.
     (With ``m < 2R`` the basis has ``k = m`` columns instead of ``2R``.)
     """
-    q, r = torch.linalg.qr(cat_last(u, gv))
+    q, r = qr(cat_last(u, gv))
     cap, k = u.shape[-1], q.shape[-1]
     sign = torch.where(torch.diagonal(r[..., :, :k], dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
     new = torch.cat([~mask, mask.new_ones(*mask.shape[:-1], k - cap)], -1)

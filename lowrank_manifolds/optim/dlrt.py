@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from .._linalg import cat_last, leading, mT, pinv_core
+from .._linalg import cat_last, leading, mT, pinv_core, qr
 from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
     LowRankOptimizer,
@@ -480,7 +480,7 @@ class DLRT(LowRankOptimizer):
         # The K-step's new directions: Q_u, orthonormal and orthogonal to U (the last columns of
         # the QR of [U, Up]; a QR of Up alone would fill a rank-deficient Up with columns that
         # are not), so that Q_u Q_u^T is a projection inside the complement of U; Up = Q_u R_u.
-        q_u = torch.linalg.qr(cat_last(u, up))[0][..., r:]
+        q_u = qr(cat_last(u, up))[0][..., r:]
         r_u = mT(q_u) @ up
         # what only the pair knows, and its tangent products for the check
         gv_rec = a @ (mT(b) @ v)
