@@ -510,14 +510,11 @@ class FixedRankManifold(Manifold):
         r"""Euclidean metric :math:`\langle M, M'\rangle + \langle U_p, U_p'\rangle +
         \langle V_p, V_p'\rangle`: the Frobenius product of the packed tangent vectors
         (valid under the gauge conditions)."""
-        self._check_packed(x, "x")
-        self._check_packed(u, "u")
-        if v is None:
-            v = u
-        else:
-            self._check_packed(v, "v")
-            self._check_compatible(u, v=v)
+        v = u if v is None else v
+        for t, name in ((x, "x"), (u, "u"), (v, "v")):
+            self._check_packed(t, name)
         self._check_compatible(x, u=u, v=v)
+        self._check_compatible(u, v=v)
         batch = torch.broadcast_shapes(x.shape[:-2], u.shape[:-2], v.shape[:-2])
         out = torch.linalg.vecdot(u.flatten(-2), v.flatten(-2)).expand(batch)  # no u * v temporary
         return out[..., None, None] if keepdim else out
@@ -580,11 +577,10 @@ class FixedRankManifold(Manifold):
         distance, have no closed form (Vandereycken 2013, Sec. 2). Raises
         ``NotImplementedError`` saying what to use instead."""
         raise NotImplementedError(
-            "FixedRankManifold.dist: the Riemannian distance has no closed form (nor do the "
-            "geodesics); for the distance in the embedding, ||X - Y||_F, use "
-            "torch.linalg.matrix_norm(manifold.to_dense(x) - manifold.to_dense(y)) on small matrices, "
-            "or sqrt(||S_x||^2 + ||S_y||^2 - 2 tr(S_x^T (U_x^T U_y) S_y (V_y^T V_x))) from the factors"
-        )
+            "FixedRankManifold.dist: the Riemannian distance has no closed form (nor do the geodesics); for the "
+            "distance in the embedding, ||X - Y||_F, use torch.linalg.matrix_norm(manifold.to_dense(x) - "
+            "manifold.to_dense(y)) on small matrices, or sqrt(||S_x||^2 + ||S_y||^2 - 2 tr(S_x^T (U_x^T U_y) S_y "
+            "(V_y^T V_x))) from the factors")
 
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         """The retraction :meth:`retr`: the geodesics of this manifold have no closed
