@@ -109,8 +109,6 @@ class GradientRecorder:
         self._hook_modules([m for m in model.modules() if _recordable(m) is not None])
 
     def _hook_modules(self, modules: List[nn.Module]) -> None:
-        from ..nn import LowRankConv2d
-
         self._records: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
         self._modules = modules
         self._params: Dict[int, Tensor] = {}
@@ -119,7 +117,7 @@ class GradientRecorder:
         for module in modules:
             param = _recordable(module)
             self._params[id(param)] = param
-            if isinstance(module, LowRankConv2d):
+            if callable(getattr(module, "input_columns", None)):  # a convolution: B = unfold(x)
                 self._convs[id(param)] = module
             self._handles.append(module.register_forward_hook(_RecordHook(self, module)))
 
