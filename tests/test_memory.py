@@ -13,7 +13,8 @@ R = 8
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op returns."""
+    """Records the largest number of elements of any dense tensor an aten op returns (a sparse
+    tensor's ``numel`` is its dense size, not what it stores: its parts are counted instead)."""
 
     def __init__(self):
         super().__init__()
@@ -22,7 +23,7 @@ class LargestTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 self.largest = max(self.largest, t.numel())
         return out
 
