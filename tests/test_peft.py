@@ -161,6 +161,15 @@ def test_at_init_the_logits_are_the_base_models_and_the_base_is_untouched(kind):
     assert {id(p) for p in trainable(model)} == {id(c.delta) for c in corr.values()}
 
 
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+def test_default_and_all_linear_targets_are_loras(targets):
+    for kind in ("llama", "gpt2"):
+        model = get_peft_model(BUILD[kind](), lp.LowRankConfig(r=2, target_modules=targets))
+        lora = get_peft_model(BUILD[kind](), LoraConfig(r=2, target_modules=targets))
+        assert sorted(model.base_model.targeted_module_names) == sorted(lora.base_model.targeted_module_names)
+        assert len(corrections(model)) == len(lora.base_model.targeted_module_names) >= 2
+
+
 def test_layers_smaller_than_the_capacity_are_clipped():
     model = get_peft_model(llama(), lp.LowRankConfig(r=20, max_rank=40, target_modules=["k_proj", "q_proj"]))
     caps = {n.split(".")[-3]: c.capacity for n, c in corrections(model).items()}

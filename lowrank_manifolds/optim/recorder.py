@@ -2,7 +2,9 @@ r"""Recording the factor pair of the weight gradient of low-rank layers.
 
 A :class:`GradientRecorder` keeps, for every :class:`~lowrank_manifolds.nn.LowRankLinear`,
 :class:`~lowrank_manifolds.nn.LowRankAdapterLinear` and
-:class:`~lowrank_manifolds.nn.LowRankConv2d` of a model, the layer input ``x`` and the
+:class:`~lowrank_manifolds.nn.LowRankConv2d` of a model (and every correction of
+:mod:`lowrank_manifolds.peft`: any :class:`~lowrank_manifolds.nn._common.ManifoldModule`, a module
+with ``input_columns`` as a convolution), the layer input ``x`` and the
 output gradient ``dY`` of the backward pass, so that the weight gradient
 :math:`G = AB^\top` can be applied to any basis in :math:`O(b (m + n) r)` (``b`` the number
 of rows: batch entries, or batch times output positions for a conv). :class:`~lowrank_manifolds.optim.DLRT`
