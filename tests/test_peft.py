@@ -443,6 +443,34 @@ def test_trainer_with_dlrt_matches_a_hand_loop_and_saves_a_loadable_adapter(tmp_
     assert torch.equal(run(again, x), run(model, x))
 
 
+def test_trainer_resume_from_checkpoint_continues_the_run(tmp_path):
+    pytest.importorskip("accelerate")
+    data = [{"input_ids": row, "labels": row} for row in inputs("llama", seed=3)]
+
+    def args(out, **kw):
+        base = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
+                    save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                    dataloader_num_workers=0)
+        base.update(kw)
+        return transformers.TrainingArguments(**base)
+
+    def fit(model, out, resume=None, **kw):
+        opt = DLRT(trainable(model), lr=0.5, integrator="augmented-bug", model=model)
+        transformers.Trainer(model=model, args=args(out, **kw), train_dataset=data,
+                             optimizers=(opt, None)).train(resume_from_checkpoint=resume)
+        return torch.cat([c.delta.detach().reshape(-1) for c in corrections(model).values()])
+
+    start = get_peft_model(llama(), config("llama", task_type="CAUSAL_LM"))
+    assert type(start).__name__ == "PeftModelForCausalLM"
+    straight = fit(copy.deepcopy(start), tmp_path / "a")
+    fit(copy.deepcopy(start), tmp_path / "b", save_strategy="steps", save_steps=2)
+    assert (tmp_path / "b" / "checkpoint-2" / "adapter_config.json").exists()
+    resumed = fit(copy.deepcopy(start), tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"))
+    initial = torch.cat([c.delta.detach().reshape(-1) for c in corrections(start).values()])
+    err = (resumed - straight).abs().max()
+    assert err <= 1e-6 * straight.abs().max() and (initial - straight).abs().max() > 1e3 * max(float(err), 1e-12)
+
+
 # --------------------------------------------------------------------------- half precision
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_base_keeps_float32_manifold_corrections(dtype, tmp_path):
