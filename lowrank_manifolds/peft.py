@@ -42,7 +42,7 @@ tables that function fills, ``PEFT_TYPE_TO_CONFIG_MAPPING``, ``PEFT_TYPE_TO_TUNE
 ``PEFT_TYPE_TO_PREFIX_MAPPING`` of ``peft.mapping``, keyed by :data:`PEFT_TYPE`, a ``str`` (peft's
 ``PeftType`` members are ``str`` too, and every lookup in peft is by that string, which is also
 what ``adapter_config.json`` stores). It raises ``ImportError`` if the tables are gone. Tested with
-``peft`` 0.21.2 and ``transformers`` 5. What else the method relies on is peft's tuner API that
+``peft`` 0.21.2 and ``transformers`` 5.x. What else the method relies on is peft's tuner API that
 its own methods use: ``BaseTuner._create_and_replace`` / ``_replace_module``, the
 ``BaseTunerLayer`` bookkeeping (``merged_adapters``, ``active_adapters``, ``disable_adapters``),
 and state dicts that hold every tensor of a tuner layer but its ``base_layer``.
@@ -265,7 +265,7 @@ class LowRankCorrection(ManifoldModule):
                 continue
             if t.device.type == "meta":
                 continue
-            x = t.detach().to(self.delta.dtype if self.delta.dtype.is_floating_point else t.dtype)
+            x = t.detach().to(self.delta.dtype)
             tol = _point_tolerance(x.dtype)
             ok, why = mf.check_point_on_manifold(x, explain=True, atol=tol, rtol=tol)
             if not ok:
@@ -341,7 +341,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("lowrank_delta",)
     other_param_names = ("lowrank_dropout",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LowRankConfig, **kwargs):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LowRankConfig):
         super().__init__()
         self.base_layer = base_layer
         self.m, self.n, self.kind = _matrix_shape(base_layer)
@@ -349,7 +349,6 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         self.lowrank_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: List[str] = []
-        self.kwargs = kwargs
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -426,9 +425,6 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             name = self.merged_adapters.pop()
             if name in self.lowrank_delta:
                 w.data -= self.get_delta_weight(name).to(w.dtype)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return False
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

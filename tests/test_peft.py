@@ -228,6 +228,15 @@ def test_training_steps_as_the_librarys_own_adapters_and_changes_the_ranks(optim
     assert (run(ref, x) - run(model, x)).abs().max() < 1e-4
 
 
+def test_dropout_acts_before_the_input_dlrt_records():
+    x = inputs("llama")
+    model = get_peft_model(llama(), config("llama", dropout=0.5))
+    torch.manual_seed(3)
+    train(model, x, steps=2)  # DLRT refuses a step whose p.grad is not the recorded pair's gradient
+    assert torch.equal(run(model, x), run(model, x))  # eval: no dropout
+    assert all(on_manifold(c.delta)[0] for c in corrections(model).values())
+
+
 # --------------------------------------------------------------------------- save and load
 CHILD = textwrap.dedent("""
     import sys, torch, geoopt, transformers
