@@ -512,3 +512,12 @@ def test_half_precision_base_keeps_float32_manifold_corrections(dtype, tmp_path)
     for c in corrections(model).values():
         assert isinstance(c.delta, geoopt.ManifoldParameter) and c.delta.dtype == torch.float32
         assert c.delta.manifold is c.manifold
+
+
+def test_save_lowrank_on_a_peft_model_names_the_peft_path(tmp_path):
+    from lowrank_manifolds.nn import save_lowrank
+
+    model = get_peft_model(llama(), config("llama"))
+    with pytest.raises(TypeError, match="save_pretrained"):
+        save_lowrank(model, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -188,10 +188,15 @@ def _layer_spec(layer: nn.Module) -> Dict[str, Any]:
 
 
 def _our_layers(model: nn.Module):
-    """``(name, layer)`` of this library's layers, outermost only."""
+    """``(name, layer)`` of this library's layers, outermost only; ``TypeError`` for other
+    modules holding a point (the corrections of :mod:`lowrank_manifolds.peft`, which peft saves)."""
     found = []
     for name, mod in model.named_modules():
         if is_lowrank_layer(mod) and not any(name.startswith(p + ".") for p, _ in found):
+            if not isinstance(mod, (LowRankLinear, LowRankConv2d, LowRankAdapterLinear)):
+                raise TypeError(f"{name}: a {type(mod).__name__} is not a layer save_lowrank can rebuild; a model "
+                                "adapted through lowrank_manifolds.peft is saved with peft's "
+                                "model.save_pretrained(dir) and loaded with PeftModel.from_pretrained")
             found.append((name, mod))
     return found
 

@@ -524,8 +524,8 @@ class DLRT(LowRankOptimizer):
     def _warn_unrecorded(self) -> None:
         if not self._warned:
             warnings.warn(
-                "DLRT: no recorded (x, dY) for a low-rank weight (no model= given, or not a "
-                "LowRankLinear / LowRankConv2d / LowRankAdapterLinear); its field is -P_X(G) from autograd, "
+                "DLRT: no recorded (x, dY) for a low-rank weight (no model= given, or not held by a layer of "
+                "lowrank_manifolds.nn or lowrank_manifolds.peft); its field is -P_X(G) from autograd, "
                 "with which abc-PSI and augmented BUG reduce to a retraction step",
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),
