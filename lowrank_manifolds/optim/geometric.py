@@ -83,7 +83,11 @@ class GeometricSGD(DLRT):
         Parameters or param groups; low-rank weights and ordinary parameters may mix.
     lr : float
     momentum, dampening : float
-        As ``torch.optim.SGD``; ``momentum`` in ``[0, 1)``.
+        As ``torch.optim.SGD``; ``momentum`` in ``[0, 1)``. The default is 0.9, not
+        ``torch.optim.SGD``'s 0: this optimizer is the heavy ball of the paper above (with
+        ``momentum=0`` it is plain Riemannian gradient descent, a retraction of ``-lr * grad``);
+        with 0.9 it reaches 1e-6 in 114 iterations on ``examples/matrix_problem.py``, where geoopt's
+        RiemannianSGD with the same momentum does not converge (docs/training.md).
     nesterov : bool
     weight_decay : float
         Adds ``weight_decay * W`` to the gradient (for low-rank weights: to the
