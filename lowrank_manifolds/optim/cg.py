@@ -22,8 +22,9 @@ along :math:`x + t\,d` (the cost is quadratic in :math:`t` there), LRGeomCG's ch
 backtracking then only checks.
 
 Like ``torch.optim.LBFGS``, :meth:`RiemannianCG.step` takes a ``closure`` that clears the
-gradients, computes the loss, calls ``backward`` and returns the loss; it is called once at
-the current point and once per trial step. The line search compares losses on the host (one
+gradients, computes the loss, calls ``backward`` and returns the loss; it is called once per
+trial step, and at the current point only if the parameters or gradients were written since
+the last accepted trial (whose loss and gradients are reused otherwise). The line search compares losses on the host (one
 synchronisation per trial: the decision needs it).
 """
 from __future__ import annotations
@@ -106,8 +107,13 @@ class RiemannianCG(torch.optim.Optimizer):
             raise ValueError("RiemannianCG.step needs a closure that returns the loss after backward()")
         group = self.param_groups[0]
         params = [p for p in group["params"]]
-        with torch.enable_grad():
-            loss = closure()
+        state = self.state[params[0]]
+        if state.get("fresh") == _versions(params):  # the last accepted trial's loss and gradients
+            loss = state["loss"]
+        else:
+            with torch.enable_grad():
+                loss = closure()
+        state.pop("fresh", None)
         f0 = float(loss.detach())
         if not math.isfinite(f0):
             raise FloatingPointError(f"RiemannianCG: the loss at the current point is {f0}")
@@ -116,7 +122,6 @@ class RiemannianCG(torch.optim.Optimizer):
             if p.grad is None:
                 raise ValueError("RiemannianCG: a parameter has no gradient after the closure")
             grads.append(self._manifold(p).egrad2rgrad(p, p.grad).clone())  # kept past later closures
-        state = self.state[params[0]]
         k = state.get("iteration", 0)
         dirs = [-g for g in grads]
         restart = "directions" not in state or (group["restart_every"] and k % group["restart_every"] == 0)
@@ -160,5 +165,13 @@ class RiemannianCG(torch.optim.Optimizer):
             state.pop("directions", None)
             state.update(iteration=k + 1)
             return loss
-        state.update(iteration=k + 1, points=start, grads=grads, directions=dirs, step_size=t)
+        state.update(iteration=k + 1, points=start, grads=grads, directions=dirs, step_size=t,
+                     loss=accepted.detach(), fresh=_versions(params))
         return accepted
+
+
+def _versions(params: List[Tensor]):
+    """What identifies the parameters and gradients as the closure left them: a later step
+    reuses that evaluation only if nothing was written to them since (``_version`` counts
+    in-place writes; a new ``.grad`` is another object)."""
+    return [(p._version, id(p.grad), None if p.grad is None else p.grad._version) for p in params]
