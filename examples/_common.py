@@ -1,7 +1,13 @@
-"""Helpers shared by the training examples: arguments, seeding, progress, tables, plots.
+"""Helpers shared by the examples: arguments, seeding, progress, tables, plots.
 
-Not part of the library; imported by ``unit_circle.py``, ``matrix_problem.py`` and
-``digits.py`` (run them from the repository root or from ``examples/``).
+Not part of the library; imported by the example scripts (run them from the repository
+root or from ``examples/``).
+
+The plots follow one convention (:func:`styles`, :func:`curve`, :func:`legend`): every curve
+has its own colour, line style and hollow marker, the same in every panel of a figure, so
+that curves lying on top of each other stay apart; every line, reference lines included,
+has a label; legends sit outside the axes, where they cover no data; the axis limits come
+from the data.
 """
 from __future__ import annotations
 
@@ -109,8 +115,9 @@ def report(name: str, text: str) -> pathlib.Path:
     return path
 
 
-def new_figure(ncols: int = 1, width: float = 5.5, height: float = 4.2):
-    """``(fig, axes)`` with the non-interactive Agg backend; ``None`` without matplotlib."""
+def new_figure(ncols: int = 1, width: float = 5.5, height: float = 4.2, nrows: int = 1):
+    """``(fig, axes)``, ``nrows`` x ``ncols`` panels of ``width`` x ``height`` inches (``axes`` row
+    by row), with the non-interactive Agg backend; ``(None, None)`` without matplotlib."""
     try:
         import matplotlib
 
@@ -119,19 +126,82 @@ def new_figure(ncols: int = 1, width: float = 5.5, height: float = 4.2):
     except ImportError:  # pragma: no cover
         print("matplotlib not installed: no plot")
         return None, None
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, axes[0]
+    # constrained layout makes room for the legends outside the axes
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
+                             constrained_layout=True)
+    return fig, list(axes.ravel())
 
 
 def save_figure(fig, name: str) -> Optional[pathlib.Path]:
+    """Write ``fig`` as ``<OUTPUT>/<name>.png`` (legends outside the axes included)."""
     if fig is None:
         return None
     OUTPUT.mkdir(parents=True, exist_ok=True)
     path = OUTPUT / f"{name}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"plot saved to {path}")
     return path
+
+
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h")
+LINESTYLES = ("-", "--", "-.", ":")
+# reference lines (targets, bounds): draw them with this and a label
+REFERENCE = dict(color="0.3", linewidth=0.8, linestyle=":")
+
+
+def styles(names: Sequence[str]) -> dict:
+    """``{name: style}``, a colour, a line style and a marker per name (distinct for up to 20
+    names; the markers shrink from name to name, so that coinciding points show as nested
+    shapes), to pass to :func:`curve` in every panel of a figure."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {
+        name: dict(label=name, color=colors[i % len(colors)], linestyle=LINESTYLES[i % len(LINESTYLES)],
+                   marker=MARKERS[i % len(MARKERS)], markersize=7 - 0.5 * (i % 7), stagger=(i % 7) / 7)
+        for i, name in enumerate(names)
+    }
+
+
+def curve(ax, x, y, style: dict, every_point: bool = False):
+    """Plot ``y`` against ``x`` in ``style`` (from :func:`styles`) with hollow markers: on every
+    point of a short curve (or with ``every_point``), else on about 10 points, staggered by the
+    style (so that curves lying on top of each other each show their markers)."""
+    kw = dict(style, markerfacecolor="none", linewidth=1.2)
+    stagger = kw.pop("stagger", 0.0)
+    if every_point:
+        kw["markersize"] = 0.5 * kw.get("markersize", 6)
+    elif len(y) > 30:
+        every = len(y) // 10
+        kw["markevery"] = (int(stagger * every), every)
+    return ax.plot(x, y, **kw)[0]
+
+
+def log_scale(ax, axis: str = "y") -> None:
+    """A log scale on ``axis`` labelled with plain numbers (2, 3, 4, 6, 20, ...), readable over
+    a decade or two."""
+    from matplotlib.ticker import LogFormatter
+
+    getattr(ax, f"set_{axis}scale")("log")
+    which = getattr(ax, f"{axis}axis")
+    which.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    which.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def integer_ticks(*axes) -> None:
+    """Whole-number ticks on the x axes (epochs, iterations) of a short run."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def legend(ax, **kw):
+    """The panel's legend, outside the axes on the right: it covers no data."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                     fontsize=7, **kw)
 
 
 def first_below(values: Sequence[float], target: float):

@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import format_table, new_figure, parse_args, progress, report, save_figure
+from _common import (curve, format_table, legend, log_scale, new_figure, parse_args, progress, report, save_figure,
+                     styles)
 from lowrank_manifolds.nn import LowRankLinear
 from lowrank_manifolds.optim import DLRT, GeometricAdam, LoRAPreAdam
 
@@ -427,18 +428,20 @@ def publish(results, text, part, title, args):
 def plot(results, name, title, args):
     if args.no_plot:
         return
-    fig, axes = new_figure(1)
+    fig, axes = new_figure(1, width=7)
     if fig is None:
         return
     ax = axes[0]
-    for r in results:
+    labels = [f"{r['method']} (lr {r['lr']:g})" for r in results]
+    look = styles(labels)
+    for label, r in zip(labels, results):
         steps, vals = zip(*r["curve"])
-        ax.plot(steps, vals, label=f"{r['method']} (lr {r['lr']:g})")
-    finals = [r["val"] for r in results if math.isfinite(r["val"])]
-    lo = min(finals) if finals else 1.0
-    ax.set(xlabel="step", ylabel="validation loss (nats / byte)", title=title, ylim=(lo - 0.1, lo + 1.5))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        curve(ax, steps, vals, look[label])
+    # a log scale shows the start (step 0) and the differences at the end together
+    ax.set(xlabel="step", ylabel="validation loss (nats / byte)", title=title)
+    log_scale(ax)
+    ax.grid(alpha=0.3, which="both")
+    legend(ax)
     save_figure(fig, name)
 
 

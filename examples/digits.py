@@ -27,7 +27,8 @@ import geoopt
 import torch
 from torch import nn
 
-from _common import format_table, new_figure, parse_args, progress, report, save_figure
+from _common import (curve, format_table, integer_ticks, legend, log_scale, new_figure, parse_args, progress, report,
+                     save_figure, styles)
 from lowrank_manifolds.nn import LowRankLinear
 from lowrank_manifolds.optim import DLRT, GeometricAdam
 
@@ -200,15 +201,28 @@ def main():
     )
     report("digits", text)
     if not args.no_plot:
-        fig, (ax, ax2) = new_figure(2)
-        if fig is not None:
-            for name, res in results.items():
-                ax.plot([100 * h[0] for h in res["history"]], label=name)
-                ax2.plot([sum(h[1]) for h in res["history"]], label=name)
-            ax.set(xlabel="epoch", ylabel="test accuracy %", title="digits", ylim=(80, 100))
-            ax2.set(xlabel="epoch", ylabel="sum of hidden ranks", title="ranks")
-            ax.legend(fontsize=7)
-            save_figure(fig, "digits")
+        plot(results, args)
+
+
+def plot(results, args):
+    fig, (ax, ax2) = new_figure(2, width=7)
+    if fig is None:
+        return
+    look = styles(list(results))
+    epochs = max(len(res["history"]) for res in results.values())
+    for name, res in results.items():
+        x = range(1, len(res["history"]) + 1)
+        curve(ax, x, [100 * h[0] for h in res["history"]], look[name])
+        curve(ax2, x, [sum(h[1]) for h in res["history"]], look[name])
+    ax.set(xlabel="epoch", ylabel="test accuracy % (after the epoch)",
+           title=f"digits: test accuracy, {epochs} epochs")
+    ax2.set(xlabel="epoch", ylabel="sum of the two hidden layers' ranks",
+            title=f"hidden ranks (capacity {args.cap} per layer, tol {args.tol})")
+    log_scale(ax2)
+    integer_ticks(ax, ax2)
+    legend(ax)
+    legend(ax2)
+    save_figure(fig, "digits")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import copy
 import glob
 import os
 import pathlib
+import re
 import tempfile
 import time
 
@@ -79,6 +80,25 @@ def trainer_args(sz, out, lr, smoke):
                              learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
                              logging_steps=max(1, sz["steps"] // 5), save_strategy="no", report_to=[],
                              use_cpu=True, seed=0, disable_tqdm=smoke, dataloader_num_workers=0)
+
+
+def plot_ranks(history):
+    """The active rank of every adapter at each log of the Trainer."""
+    fig, (ax,) = _common.new_figure(1, width=8)
+    if fig is None:
+        return
+    steps = [s for s, _ in history]
+    names = list(history[0][1])
+    # "model.layers.0.self_attn.q_proj" -> "layer 0 q_proj"
+    labels = {n: re.sub(r"^.*layers\.(\d+)\..*\.(\w+)$", r"layer \1 \2", n) for n in names}
+    look = _common.styles(list(labels.values()))
+    for name in names:
+        _common.curve(ax, steps, [h[name] for _, h in history], look[labels[name]])
+    ax.set(xlabel="step", ylabel="active rank",
+           title=f"the {len(names)} adapters under DLRT aug-BUG (tol 0.1, capacity 16)")
+    _common.integer_ticks(ax)
+    _common.legend(ax, ncol=2)
+    _common.save_figure(fig, "hf_finetune_ranks")
 
 
 def main():
@@ -165,15 +185,7 @@ def main():
     with torch.no_grad():
         err = float((again(input_ids=x).logits - out).abs().max())
     if not args.no_plot and ranks.history:
-        fig, axes = _common.new_figure()
-        if fig is not None:
-            steps = [s for s, _ in ranks.history]
-            for name in ranks.history[0][1]:
-                axes[0].plot(steps, [h[name] for _, h in ranks.history], lw=0.8)
-            axes[0].set_xlabel("step")
-            axes[0].set_ylabel("active rank of each adapter")
-            axes[0].set_title("DLRT aug-BUG adapters, tol 0.1, capacity 16")
-            _common.save_figure(fig, "hf_finetune_ranks")
+        plot_ranks(ranks.history)
     print(f"merged model reloaded by from_pretrained: max |d logits| = {err:.2e}")
 
 

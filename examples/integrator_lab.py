@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 
+from _common import curve, legend, new_figure, save_figure, set_output, styles
 from lowrank_manifolds.lab import (
     LeastSquares,
     MatrixODE,
@@ -43,36 +44,38 @@ def smoke_lab(seed):
     }
 
 
-def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+def plot(results):
+    """Four panels: order, robustness, rank adaptivity, cost; one style per integrator in all."""
+    fig, axes = new_figure(2, width=6.5, height=4.2, nrows=2)
+    if fig is None:
+        return
+    look = styles(list(results["cost"]))
     ax = axes[0]
     for name, res in results["order_ode"].items():
-        ax.loglog(res["hs"], res["errors"], "o-", label=f"{name} ({res['order']:.2f})")
-    ax.set(xlabel="h", ylabel="error at T = 1", title="Y' = L1 Y + Y L2: error vs h")
-    ax.legend(fontsize=7)
+        curve(ax, res["hs"], res["errors"], dict(look[name], label=f"{name} ({res['order']:.2f})"))
+    ax.set(xlabel="step size h", ylabel="error at the final time", xscale="log", yscale="log",
+           title="Y' = L1 Y + Y L2: error vs h (observed order)")
+    legend(ax)
     ax = axes[1]
     for name, res in results["robustness"].items():
-        ax.loglog(res["sigmas"], res["errors"], "o-", label=name)
-    ax.set(xlabel="smallest singular value", ylabel="error", title="A(t) with normal part: robustness")
+        curve(ax, res["sigmas"], res["errors"], look[name])
+    ax.set(xlabel="smallest singular value", ylabel="error", xscale="log", yscale="log",
+           title="A(t) with normal part: robustness")
     ax.invert_xaxis()
-    ax.legend(fontsize=7)
+    legend(ax)
     ax = axes[2]
     for name, rows in results["rank"].items():
-        ax.semilogx([r["tol"] for r in rows], [r["rank"] for r in rows], "o-", label=name)
-    ax.set(xlabel="relative tolerance", ylabel="final rank", title="least squares: rank vs tolerance")
+        curve(ax, [r["tol"] for r in rows], [r["rank"] for r in rows], look[name])
+    ax.set(xlabel="relative tolerance", ylabel="final rank", xscale="log",
+           title="least squares: rank vs tolerance")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.invert_xaxis()
-    ax.legend(fontsize=7)
+    legend(ax)
     ax = axes[3]
     names = list(results["cost"])
-    ax.barh(names, [1e3 * results["cost"][n] for n in names])
-    ax.set(xlabel="ms per step", title="cost per step (1000 x 800, r = 16)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.barh(names, [1e3 * results["cost"][n] for n in names], color=[look[n]["color"] for n in names])
+    ax.set(xlabel="ms per step (median)", ylabel="integrator", title="cost per step (factored rank-k field)")
+    save_figure(fig, "integrator_lab")
 
 
 def main():
@@ -98,11 +101,8 @@ def main():
     (out / "integrator_lab.md").write_text(table + "\n")
     if args.no_plot:
         return
-    try:
-        plot(results, out / "integrator_lab.png")
-        print(f"\nplot saved to {out / 'integrator_lab.png'}")
-    except ImportError:
-        print("\nmatplotlib not installed: no plot (pip install matplotlib)")
+    set_output(str(out))
+    plot(results)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ import math
 import geoopt
 import torch
 
-from _common import first_below, format_table, new_figure, parse_args, report, save_figure
+from _common import (curve, first_below, format_table, integer_ticks, legend, new_figure, parse_args, report,
+                     save_figure, styles)
 
 F64 = torch.float64
 TARGET = torch.tensor([1.0, 0.0], dtype=F64)
@@ -175,19 +176,30 @@ def main():
     )
     report("unit_circle", "\n\n".join(sections))
     if not args.no_plot:
-        fig, (ax, ax2) = new_figure(2)
-        if fig is not None:
-            th = torch.linspace(0, 2 * math.pi, 200)
-            ax.plot(th.cos(), th.sin(), color="0.8", lw=1)
-            for name, path in runs_hb.items():
-                ax.plot(path[:60, 0], path[:60, 1], ".-", ms=3, label=name)
-                ax2.semilogy((path - TARGET).norm(dim=1).clamp_min(1e-17), label=name)
-            ax.plot([0], [1], "ko")
-            ax.plot([1], [0], "k*", ms=12)
-            ax.set(aspect="equal", title="heavy ball: first 60 iterates")
-            ax.legend(fontsize=6)
-            ax2.set(xlabel="iteration", ylabel="||w - w*||", title="convergence (heavy ball)")
-            save_figure(fig, "unit_circle")
+        plot(runs_hb, lr)
+
+
+def plot(runs, lr, shown=60):
+    """The first ``shown`` iterates of each run on the circle, and the error of every iterate."""
+    fig, (ax, ax2) = new_figure(2, width=6.5)
+    if fig is None:
+        return
+    look = styles(list(runs))
+    th = torch.linspace(0, 2 * math.pi, 200)
+    ax.plot(th.cos(), th.sin(), color="0.8", lw=1, label="unit circle")
+    for name, path in runs.items():
+        curve(ax, path[:shown, 0], path[:shown, 1], look[name], every_point=True)
+        curve(ax2, range(len(path)), (path - TARGET).norm(dim=1).clamp_min(1e-17), look[name])
+    ax.plot([0], [1], "ko", label="start w0")
+    ax.plot([1], [0], "k*", ms=12, label="minimiser w*")
+    drawn = min(shown, max(len(path) for path in runs.values()))
+    ax.set(aspect="equal", adjustable="datalim", xlabel="w[0]", ylabel="w[1]",
+           title=f"heavy ball (lr {lr}, momentum 0.9): iterates 0 to {drawn - 1}")
+    ax2.set(xlabel="iteration", ylabel="||w - w*||", yscale="log", title="convergence (heavy ball)")
+    integer_ticks(ax2)
+    legend(ax)
+    legend(ax2)
+    save_figure(fig, "unit_circle")
 
 
 if __name__ == "__main__":
