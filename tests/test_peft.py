@@ -27,8 +27,8 @@ import lowrank_manifolds.peft as lp  # noqa: E402
 from lowrank_manifolds.hf import active_ranks  # noqa: E402
 from lowrank_manifolds.nn import LowRankAdapterLinear, add_adapters  # noqa: E402
 from lowrank_manifolds.optim import DLRT, GeometricAdam  # noqa: E402
+from test_hf import VOCAB, gpt2  # noqa: E402  (the tiny GPT-2 of the other Hugging Face tests)
 
-VOCAB = 48
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_fc"], "cnn": ["0", "2", "5"]}
 
 
@@ -39,13 +39,6 @@ def llama(seed=0, dtype=None):
                                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     return model if dtype is None else model.to(dtype)
-
-
-def gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def cnn(seed=0):
