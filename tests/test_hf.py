@@ -310,15 +310,16 @@ def _dlrt(model):
     return DLRT([p for p in model.parameters() if p.requires_grad], lr=LR, integrator="augmented-bug", model=model)
 
 
-def _reference(model, steps=STEPS, clip=CLIP):
-    """Full-batch steps with clip_grad_norm_ and the linear schedule lr (1 - t / steps), by hand."""
-    x = torch.stack([d["input_ids"] for d in _data()])
-    opt = _dlrt(model)
+def _reference(model, steps=STEPS, clip=CLIP, data=None, lr=LR, opt=None):
+    """Full-batch steps with clip_grad_norm_ and the linear schedule lr (1 - t / steps), by hand
+    (the Trainer's run as a loop); ``data``, ``opt`` default to this module's."""
+    x = torch.stack([d["input_ids"] for d in (data or _data())])
+    opt = opt or _dlrt(model)
     model.train()
     norms = []
     for t in range(steps):
         for g in opt.param_groups:
-            g["lr"] = LR * (1 - t / steps)
+            g["lr"] = lr * (1 - t / steps)
         opt.zero_grad()
         model(input_ids=x, labels=x).loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))))

@@ -27,7 +27,7 @@ import lowrank_manifolds.peft as lp  # noqa: E402
 from lowrank_manifolds.hf import active_ranks  # noqa: E402
 from lowrank_manifolds.nn import LowRankAdapterLinear, add_adapters  # noqa: E402
 from lowrank_manifolds.optim import DLRT, GeometricAdam  # noqa: E402
-from test_hf import VOCAB, gpt2  # noqa: E402  (the tiny GPT-2 of the other Hugging Face tests)
+from test_hf import VOCAB, _reference, gpt2  # noqa: E402  (the other Hugging Face tests' GPT-2 and loop)
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_fc"], "cnn": ["0", "2", "5"]}
 
@@ -420,16 +420,8 @@ def test_trainer_with_dlrt_matches_a_hand_loop_and_saves_a_loadable_adapter(tmp_
 
     ref = start  # the same steps by hand: full batch, clip_grad_norm_, lr (1 - t / steps)
     x = torch.stack([d["input_ids"] for d in data])
-    ref_opt = DLRT(trainable(ref), lr=lr, integrator="augmented-bug", model=ref)
-    ref.train()
-    norms = []
-    for t in range(steps):
-        for g in ref_opt.param_groups:
-            g["lr"] = lr * (1 - t / steps)
-        ref_opt.zero_grad()
-        ref(input_ids=x, labels=x).loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)))
-        ref_opt.step()
+    ref, norms = _reference(ref, steps, clip, data, lr, DLRT(trainable(ref), lr=lr, integrator="augmented-bug",
+                                                            model=ref))
     assert min(norms) > 2 * clip  # the clipping bites
 
     def deltas(m):
