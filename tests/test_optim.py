@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import geoopt
 import pytest
@@ -427,6 +428,70 @@ def test_mixed_groups_euclidean_updates_match_torch():
         for a, b in ((net.low.bias, ref.low.bias), (net.dense.weight, ref.dense.weight), (net.dense.bias, ref.dense.bias)):
             assert torch.allclose(a, b, atol=1e-13, rtol=1e-12), kind
         check_point(net.low.weight)
+
+
+@pytest.mark.parametrize("case", [
+    # (DLRT options, groups given as one or split with the dense lr, torch reference)
+    (dict(lr=1.0), "one", torch.optim.Adam, dict(lr=1e-3)),  # flow core: h is not a rate
+    (dict(lr=1.0), "split", torch.optim.Adam, dict(lr=0.02)),  # their own group: its lr
+    (dict(lr=1.0, euclidean_lr=3e-3), "one", torch.optim.Adam, dict(lr=3e-3)),
+    (dict(lr=0.02, integrator="augmented-bug", core="adam"), "one", torch.optim.Adam, dict(lr=0.02)),
+    (dict(lr=0.02, integrator="augmented-bug", core="adam", decoupled_weight_decay=True, weight_decay=0.1),
+     "one", torch.optim.AdamW, dict(lr=0.02, weight_decay=0.1)),
+    (dict(lr=0.05, integrator="augmented-bug", core="momentum", momentum=0.9), "one", torch.optim.SGD,
+     dict(lr=0.05, momentum=0.9)),
+    (dict(lr=1.0, euclidean="sgd", euclidean_lr=0.05), "one", torch.optim.SGD, dict(lr=0.05)),
+])
+def test_dlrt_ordinary_parameters_default_to_the_optimizer_of_the_core(case):
+    """Without ``euclidean=``, ordinary parameters take Adam (AdamW with decoupled decay) beside
+    the flow and Adam cores, SGD with the core's momentum beside the momentum core; beside a
+    flow core's step size ``h`` their rate is Adam's default 1e-3 unless given. Reference:
+    torch's optimizer on a copy with the same gradients."""
+    options, layout, ref_cls, ref_kwargs = case
+
+    def ours(net):
+        dense = [net.low.bias, *net.dense.parameters()]
+        groups = ([{"params": [net.low.weight]}, {"params": dense, "lr": ref_kwargs["lr"]}] if layout == "split"
+                  else net.parameters())
+        return DLRT(groups, tol=0.5, **options)
+
+    x, y = net_data()
+    net, ref = Net(), Net()
+    opt = ours(net)
+    ref_opt = ref_cls([ref.low.bias, *ref.dense.parameters()], **ref_kwargs)
+    for _ in range(6):
+        for model, o in ((net, opt), (ref, ref_opt)):
+            o.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # no model=: the projected gradient
+                o.step()
+        with torch.no_grad():  # keep the low-rank weights equal so that the gradients agree
+            ref.low.weight.copy_(net.low.weight)
+    for a, b in ((net.low.bias, ref.low.bias), (net.dense.weight, ref.dense.weight)):
+        assert torch.allclose(a, b, atol=1e-13, rtol=1e-12), case
+
+
+def test_old_dlrt_checkpoint_keeps_its_ordinary_parameters_rate():
+    """A state dict saved before ``euclidean_lr`` (flow core, ``euclidean="sgd"``: the dense
+    parameters stepped by SGD at the group's lr) resumes with that step."""
+    x, y = net_data()
+    net, ref = Net(), Net()
+    opt = DLRT(net.parameters(), lr=0.3, tol=0.5, euclidean="sgd")
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["euclidean_lr"]
+    fresh = DLRT(net.parameters(), lr=0.3, tol=0.5)
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["euclidean"] == "sgd" and fresh.param_groups[0]["euclidean_lr"] == 0.3
+    ref_opt = torch.optim.SGD([ref.low.bias, *ref.dense.parameters()], lr=0.3)
+    for model, o in ((net, fresh), (ref, ref_opt)):
+        o.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            o.step()
+    assert torch.allclose(net.dense.weight, ref.dense.weight, atol=1e-14)
 
 
 def test_lr_scheduler_controls_the_lowrank_step():

@@ -72,6 +72,8 @@ _SUPPORTED = ("abc-psi", "augmented-bug", "parallel-bug")
 # One stateless instance per integrator, shared by every group and step (DLRT applies the
 # weights' truncation itself, so the instances hold none).
 _INSTANCES = {name: INTEGRATORS[name]() for name in _SUPPORTED}
+#: The ordinary parameters' rate beside a flow core's step size (``euclidean_lr``).
+_FLOW_EUCLIDEAN_LR = 1e-3
 
 
 def _integrator_name(integrator) -> str:
@@ -259,9 +261,18 @@ class DLRT(LowRankOptimizer):
     decoupled_weight_decay : bool
         With ``core="momentum"`` or ``"adam"``: the low-rank core is scaled by
         ``1 - lr * weight_decay`` instead (AdamW). For the flow both are the same step.
-    euclidean : {"sgd", "adam", "adamw"}
-        Update of ordinary parameters (``torch.optim.SGD`` / ``Adam`` / ``AdamW``);
-        ``momentum``, ``dampening``, ``nesterov``, ``betas``, ``eps`` configure it.
+    euclidean : {"sgd", "adam", "adamw"}, optional
+        Update of ordinary parameters (biases, dense layers): ``torch.optim.SGD`` / ``Adam`` /
+        ``AdamW``, configured by ``momentum``, ``dampening``, ``nesterov``, ``betas``, ``eps``.
+        Default: tied to the core, ``"sgd"`` for ``core="momentum"``, else ``"adam"``
+        (``"adamw"`` with ``decoupled_weight_decay``).
+    euclidean_lr : float, optional
+        Learning rate of the ordinary parameters. Default: the group's ``lr``, except where
+        ``lr`` is an integrator step size ``h`` (``core="flow"``) and the group holds a
+        low-rank weight: there ``1e-3``, ``torch.optim.Adam``'s default (a step ``h`` of
+        order 1 would throw dense weights away). A group of ordinary parameters alone takes
+        its ``lr``. LR schedulers scale ``lr`` only: to schedule the ordinary parameters under
+        the flow core, give them their own group.
     core : {"flow", "momentum", "adam"}
         The core optimizer (above), with ``momentum``, ``dampening``, ``nesterov`` (heavy
         ball, ``torch.optim.SGD``'s convention) or ``betas``, ``eps`` (Adam). States
@@ -307,7 +318,8 @@ class DLRT(LowRankOptimizer):
         tol: Optional[float] = None, relative: Optional[bool] = None, min_rank: Optional[int] = None,
         fixed_rank: bool = False,
         weight_decay: float = 0.0,
-        euclidean: str = "sgd",
+        euclidean: Optional[str] = None,
+        euclidean_lr: Optional[float] = None,
         momentum: float = 0.0,
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -325,7 +337,8 @@ class DLRT(LowRankOptimizer):
     ):
         defaults = dict(
             truncation_options(type(self).__name__, tol, relative, min_rank, fixed_rank, deprecated),
-            lr=lr, integrator=integrator, weight_decay=weight_decay, euclidean=euclidean, momentum=momentum,
+            lr=lr, integrator=integrator, weight_decay=weight_decay, euclidean=euclidean,
+            euclidean_lr=euclidean_lr, momentum=momentum,
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps, core=core,
             augment_every=augment_every, dampening=dampening, nesterov=nesterov,
             decoupled_weight_decay=decoupled_weight_decay, m2_transport=m2_transport,
@@ -361,11 +374,24 @@ class DLRT(LowRankOptimizer):
         """The :class:`GradientRecorder` attached to ``model`` (or None)."""
         return self._recorder
 
+    def _loaded_group(self, saved, current):
+        if "euclidean_lr" not in saved and saved.get("core", "flow") == "flow":
+            # saved before the option: the ordinary parameters stepped at the group's lr
+            saved = {**saved, "euclidean_lr": saved.get("lr"), "euclidean": saved.get("euclidean", "sgd")}
+        return super()._loaded_group(saved, current)
+
+    def _configure(self, group):
+        if group["euclidean"] is None:  # ordinary parameters follow the core
+            group["euclidean"] = ("sgd" if group["core"] == "momentum"
+                                  else "adamw" if group["decoupled_weight_decay"] else "adam")
+
     def _check_group(self, group):
         super()._check_group(group)
         group["integrator"] = _integrator_name(group["integrator"])
         if group["euclidean"] not in ("sgd", "adam", "adamw"):
             raise ValueError(f"euclidean must be 'sgd', 'adam' or 'adamw', got {group['euclidean']!r}")
+        if group["euclidean_lr"] is not None:
+            nonneg(group["euclidean_lr"], "euclidean_lr")
         unit_interval(group["momentum"], "momentum")
         nonneg(group["dampening"], "dampening")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -406,12 +432,22 @@ class DLRT(LowRankOptimizer):
         foreach = group["foreach"]
         if foreach is None:  # torch.optim's own default (multi-tensor on CUDA), so the step is torch's
             foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
+        lr = self._euclidean_lr(group)
         if group["euclidean"] == "sgd":
-            sgd_update(params, grads, states, group["lr"], group["momentum"], group["dampening"], group["nesterov"],
+            sgd_update(params, grads, states, lr, group["momentum"], group["dampening"], group["nesterov"],
                        group["weight_decay"], foreach)
         else:
-            adam_update(params, grads, states, group["lr"], group["betas"], group["eps"], group["weight_decay"],
+            adam_update(params, grads, states, lr, group["betas"], group["eps"], group["weight_decay"],
                         group["euclidean"] == "adamw", foreach)
+
+    @staticmethod
+    def _euclidean_lr(group) -> float:
+        """The ordinary parameters' rate (the ``euclidean_lr`` option)."""
+        if group["euclidean_lr"] is not None:
+            return group["euclidean_lr"]
+        if group["core"] == "flow" and any(is_lowrank_parameter(p) for p in group["params"]):
+            return _FLOW_EUCLIDEAN_LR
+        return group["lr"]
 
     def _begin_step(self) -> None:
         # The recorded weights' fields are built and checked against p.grad for all weights
