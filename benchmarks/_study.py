@@ -6,9 +6,13 @@ import json
 import math
 import os
 import statistics
+import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from _common import scratch_folder  # noqa: E402
 
 
 class RunCache:
@@ -104,13 +108,11 @@ def save_figure(fig, path: str) -> str:
 
 def write_results(stem: str, figures: str, markdown: str, data: Dict, quick: bool) -> Tuple[str, str]:
     """``stem.md`` and ``stem.json`` (the folders created); a ``quick`` crash test writes into a
-    fresh temporary folder instead, for the figures too. Returns ``(stem, figures)`` as used."""
+    temporary folder instead (removed at exit), for the figures too. Returns ``(stem, figures)`` as used."""
     if quick:
-        import tempfile
-
-        figures = tempfile.mkdtemp(prefix=f"{os.path.basename(stem)}_quick_")
+        figures = scratch_folder(f"{os.path.basename(stem)}_quick_")
         stem = os.path.join(figures, os.path.basename(stem))
-        print(f"--quick: a crash test, not a result; files in {figures}")
+        print(f"--quick: a crash test, not a result; files in {figures} (removed at exit)")
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     os.makedirs(figures, exist_ok=True)
     with open(stem + ".md", "w") as fh:

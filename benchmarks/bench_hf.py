@@ -53,6 +53,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import _timing  # noqa: E402
+from _study import scratch_folder  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GRIDS = {
@@ -79,11 +80,12 @@ def parse():
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300; --quick 40)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="default 1500; --quick 100")
-    p.add_argument("--out", default=None, help="default benchmarks/results (--quick: a temporary folder)")
+    p.add_argument("--out", default=None, help="default benchmarks/results (--quick: a temporary folder, removed "
+                                               "at exit)")
     p.add_argument("--figures", default=None, help="default docs/figures (--quick: the --out folder)")
     args = p.parse_args()
     if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="bench_hf_") if args.quick else str(HERE / "results")
+        args.out = str(scratch_folder("bench_hf_")) if args.quick else str(HERE / "results")
     if args.figures is None:
         args.figures = args.out if args.quick else str(HERE.parent / "docs" / "figures")
     return args

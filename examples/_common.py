@@ -12,8 +12,11 @@ from the data.
 from __future__ import annotations
 
 import argparse
+import atexit
 import pathlib
 import random
+import shutil
+import sys
 import tempfile
 import time
 from typing import Iterable, List, Optional, Sequence
@@ -34,7 +37,7 @@ def parse_args(description: str, add_arguments=None, argv=None) -> argparse.Name
         "--smoke",
         action="store_true",
         help="tiny sizes and a few steps (seconds; a crash test, not a result); tables and "
-        "plots go to a fresh temporary folder unless --output is given",
+        "plots go to a temporary folder, removed at exit, unless --output is given",
     )
     parser.add_argument("--output", default=None, help="folder for tables and plots (default examples/output)")
     parser.add_argument("--seed", type=int, default=0)
@@ -56,8 +59,16 @@ def set_output(folder: Optional[str] = None, smoke: bool = False) -> pathlib.Pat
     if folder is not None:
         OUTPUT = pathlib.Path(folder)
     elif smoke:
-        OUTPUT = pathlib.Path(tempfile.mkdtemp(prefix="lowrank_examples_smoke_"))
+        OUTPUT = scratch_folder("lowrank_examples_smoke_")
     return OUTPUT
+
+
+def scratch_folder(prefix: str) -> pathlib.Path:
+    """A fresh temporary folder, removed with its files when the process exits: what a smoke
+    or quick run writes is a crash test's output, not a result to keep."""
+    folder = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def seed_everything(seed: int) -> None:
@@ -67,14 +78,15 @@ def seed_everything(seed: int) -> None:
 
 
 def progress(iterable: Iterable, desc: str = "", total: Optional[int] = None, every: int = 0):
-    """``tqdm`` if installed, else the iterable with a plain print every ``every`` items
-    (default: about 10 prints)."""
-    try:
-        from tqdm.auto import tqdm
+    """A ``tqdm`` bar on a terminal (where tqdm is installed); else, in a log or a pipe, the
+    iterable with a plain line every ``every`` items (default: about 10 lines)."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, leave=False)
-    except ImportError:  # pragma: no cover - depends on the environment
-        pass
+            return tqdm(iterable, desc=desc, total=total, leave=False)
+        except ImportError:  # pragma: no cover - depends on the environment
+            pass
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
 

@@ -25,7 +25,7 @@ import glob
 import os
 import pathlib
 import re
-import tempfile
+import sys
 import time
 
 import torch
@@ -79,7 +79,8 @@ def trainer_args(sz, out, lr, smoke):
     return TrainingArguments(output_dir=out, per_device_train_batch_size=sz["batch"], max_steps=sz["steps"],
                              learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
                              logging_steps=max(1, sz["steps"] // 5), save_strategy="no", report_to=[],
-                             use_cpu=True, seed=0, disable_tqdm=smoke, dataloader_num_workers=0)
+                             use_cpu=True, seed=0, disable_tqdm=smoke or not sys.stderr.isatty(),
+                             dataloader_num_workers=0)
 
 
 def plot_ranks(history):
@@ -116,7 +117,7 @@ def main():
     fine_files = sorted(glob.glob(os.path.join(lib, "asyncio", "*.py")))
     fine = read([f for i, f in enumerate(fine_files) if i % 6], sz["kbytes"])
     val = windows(read(fine_files[::6], sz["kbytes"]), 32, sz["T"], seed=99)
-    work = tempfile.mkdtemp(prefix="hf_finetune_")
+    work = str(_common.scratch_folder("hf_finetune_"))  # the saved adapters of one run
 
     # 1. pre-train the base on the standard library's top-level modules (plain AdamW)
     base = build(sz["T"])

@@ -9,11 +9,10 @@ Runs on CPU in well under a minute (float64, seeded), prints markdown tables and
 """
 import argparse
 import pathlib
-import tempfile
 
 import torch
 
-from _common import curve, legend, new_figure, save_figure, set_output, styles
+from _common import curve, legend, new_figure, save_figure, scratch_folder, set_output, styles
 from lowrank_manifolds.lab import (
     LeastSquares,
     MatrixODE,
@@ -94,7 +93,7 @@ def main():
     print(table)
 
     if args.smoke:
-        out = pathlib.Path(tempfile.mkdtemp(prefix="lowrank_examples_smoke_"))
+        out = scratch_folder("lowrank_examples_smoke_")
     else:
         out = pathlib.Path(__file__).parent / "output"
         out.mkdir(exist_ok=True)

@@ -8,7 +8,8 @@ the script's folder first on ``sys.path``, its stdout and stderr captured; a
 ``SystemExit`` with a non-zero code or any other exception is that run's failure (exit
 code 1, the traceback in its output). One process serves every run so that
 ``import torch`` is paid once. Prints one JSON line: a list of ``{"script", "argv",
-"rc", "seconds", "output"}``.
+"rc", "seconds", "output", "files"}`` (``files``: the files under the temporary folder after
+the run).
 
 A helper of ``tests/test_examples.py``; not a test module.
 """
@@ -18,6 +19,7 @@ import json
 import os
 import runpy
 import sys
+import tempfile
 import time
 import traceback
 
@@ -44,7 +46,14 @@ def run_once(script, argv):
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return {"script": script, "argv": list(argv), "rc": rc, "seconds": time.perf_counter() - start,
-            "output": buffer.getvalue()}
+            "output": buffer.getvalue(), "files": written()}
+
+
+def written():
+    """The files under the temporary folder now (relative paths): what the runs wrote there
+    before their process exits and removes its temporary folders."""
+    root = tempfile.gettempdir()
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
 def main():

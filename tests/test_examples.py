@@ -104,6 +104,21 @@ def test_example_smoke(name, smoke_runs):
             assert pathlib.Path(path).resolve().is_relative_to(tmp_path.resolve()), f"{where} wrote {path}"
     if writes_report:
         stem = name[: -len(".py")]
-        tables = list(tmp_path.glob(f"*/{stem}*.md"))
+        tables = {f for r in results for f in r["files"] if re.fullmatch(rf"[^/]+/{stem}[^/]*\.md", f)}
         assert len(tables) >= len(results), "the tables were not written to TMPDIR"
+    # torch.compile's cache (torchinductor_USER) is torch's own, kept across runs by design
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_"))
+    assert not left, f"temporary files left behind after the runs: {left}"
     print(f"{name}: " + ", ".join(f"{' '.join(r['argv'][1:])}: {r['seconds']:.1f}s" for r in results))
+
+
+def test_progress_prints_plain_lines_when_not_on_a_terminal(capsys, monkeypatch):
+    """In a log or a pipe (stderr not a terminal) the examples' progress is about 10 plain
+    lines, not a tqdm bar's carriage-return redraws."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import _common
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert list(_common.progress(range(50), desc="epoch")) == list(range(50))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and lines[0].strip().startswith("epoch 0/50"), lines
