@@ -908,17 +908,27 @@ def test_augment_every_grows_the_rank_the_every_step_schedule_truncates(make):
         DLRT(layer.parameters(), lr=0.1, integrator="augmented-bug", augment_every=10)  # core="flow"
 
 
-@pytest.mark.parametrize("integrator", ["augmented-bug"])
-def test_dlrt_adam_core_first_steps_against_a_dense_reference(integrator):
-    """``DLRT(core="adam")``: the integrator's augmented bases, Adam on the Galerkin
-    coefficients of the dense float64 gradient, moments carried by M = U^^T U, N = V^T V^ and
-    by the truncation's singular vectors; two steps against formulas on dense matrices."""
+def test_dlrt_adam_core_first_steps_against_a_dense_reference():
+    """``DLRT(integrator="augmented-bug", core="adam")``: augmented BUG's spans in the
+    coordinates [U, orth((I - UU^T) GV)] x [V, orth((I - VV^T) G^T U)], Adam on the Galerkin
+    coefficients of the dense float64 gradient (the QRs' triangles exact, the recorded normal
+    block kept), moments embedded by zero padding and carried by the truncation's singular
+    vectors; two steps against formulas on dense matrices. The spans are checked against the
+    integrator's own orth[K_1, U]."""
     _, x, y = planted_problem()
     layer = _layer_with_tol(0.05)
-    opt = DLRT(layer.parameters(), lr=0.02, integrator=integrator, core="adam", model=layer)
+    opt = DLRT(layer.parameters(), lr=0.02, integrator="augmented-bug", core="adam", model=layer)
     b1, b2, eps, lr = 0.9, 0.999, 1e-8, 0.02
-    cls = {"augmented-bug": AugmentedBUG}[integrator]
     m1 = m2 = None
+
+    def pad(c):  # r x r coefficients of the old bases in the augmented ones
+        return torch.nn.functional.pad(c, (0, c.shape[1], 0, c.shape[0]))
+
+    def pos_qr(a):
+        q, r = torch.linalg.qr(a)
+        d = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(a.dtype)
+        return q * d, r * d[:, None]
+
     for t in (1, 2):
         u, s, v = (z.detach().clone() for z in layer.manifold.unpack(layer.weight))
         r = int(layer.active_rank)
@@ -926,12 +936,16 @@ def test_dlrt_adam_core_first_steps_against_a_dense_reference(integrator):
         w = (u @ s @ v.T).requires_grad_(True)
         loss_fn(lambda z: z @ w.T, x, y).backward()
         g = w.grad
-        uh, _, vh = cls().augmented_step(u, s, v, MatrixField(-g), lr)
-        mu, nv = uh.T @ u, v.T @ vh
-        gh = uh.T @ g @ vh
-        m1 = (1 - b1) * gh if m1 is None else b1 * (mu @ m1 @ nv) + (1 - b1) * gh
-        m2 = (1 - b2) * gh**2 if m2 is None else b2 * ((mu * mu) @ m2 @ (nv * nv)) + (1 - b2) * gh**2
-        sh = mu @ s @ nv - lr / (1 - b1**t) * m1 / (torch.sqrt(m2 / (1 - b2**t)) + eps)
+        qu, ru = pos_qr(g @ v - u @ (u.T @ g @ v))
+        qv, rv = pos_qr(g.T @ u - v @ (v.T @ g.T @ u))
+        uh, vh = torch.cat([u, qu], 1), torch.cat([v, qv], 1)
+        bug_u, _, bug_v = AugmentedBUG().augmented_step(u, s, v, MatrixField(-g), lr)
+        torch.testing.assert_close(uh @ uh.T, bug_u @ bug_u.T, atol=1e-10, rtol=0)
+        torch.testing.assert_close(vh @ vh.T, bug_v @ bug_v.T, atol=1e-10, rtol=0)
+        gh = torch.cat([torch.cat([u.T @ g @ v, rv.T], 1), torch.cat([ru, qu.T @ g @ qv], 1)])
+        m1 = (1 - b1) * gh if m1 is None else b1 * pad(m1) + (1 - b1) * gh
+        m2 = (1 - b2) * gh**2 if m2 is None else b2 * pad(m2) + (1 - b2) * gh**2
+        sh = pad(s) - lr / (1 - b1**t) * m1 / (torch.sqrt(m2 / (1 - b2**t)) + eps)
         p_, sv, qh = torch.linalg.svd(sh)
         k = int(truncation_rank_ref(sv, 0.05))
         w_ref = (uh @ p_[:, :k]) @ torch.diag(sv[:k]) @ (qh[:k].T.T @ vh.T)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from .._linalg import cat_last, leading, mT, pinv_core, qr
+from .._linalg import cat_last, mT, pinv_core, qr
 from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
     LowRankOptimizer,
@@ -50,11 +50,11 @@ from ._base import (
     truncation_options,
 )
 from ._core import (
-    carry,
     core_cycle_step,
     core_update,
     cycle_phase,
     embed,
+    field_augment,
     gradient_decay,
     init_state,
     tangent_augment,
@@ -123,7 +123,7 @@ class DLRT(LowRankOptimizer):
         DLRT("parallel-bug")          parallel BUG = retraction of -h P_X G (GeoLoRA's step)
                                       -> Ceruti, Kusch, Lubich, SISC 46 (2024); GeoLoRA
         DLRT("augmented-bug",         augmented BUG's bases, heavy ball / Adam on the Galerkin
-             core="momentum"|"adam")  coefficients, states carried by M = U^^T U, N = V^T V^
+             core="momentum"|"adam")  coefficients in [U, new] x [V, new] coordinates
                                       -> the momentum flow of Schotthöfer et al. 2025 in BUG's
                                          bases; RobustDLRT's augmented-BUG layers (AdamW)
         ... augment_every=k           with the cycle (core-only steps in fixed bases)
@@ -136,8 +136,10 @@ class DLRT(LowRankOptimizer):
           "parallel-bug":   U^ = orth[U, GV], V^ = orth[V, G^T U]  (exact block zeros, _core)
                             S^_0 = diag(S, 0), G^ = U^^T P_X(G) V^, states embedded by zero padding
           "augmented-bug":  U^ = orth[K_1, U], V^ = orth[L_1, V]  (K_1 = US - hGV, L_1 = VS^T - hG^T U)
-                            M = U^^T U, N = V^T V^, S^_0 = M S N, G^ = U^^T G V^ (all blocks)
-                            states m -> M m N  (second moment: (M*M) m (N*N), m2_transport)
+                            flow: its own S-step; momentum / adam: the same spans as
+                            [U, orth((I-UU^T) GV)], [V, orth((I-VV^T) G^T U)] (_core.field_augment),
+                            S^_0 = diag(S, 0), G^ = U^^T G V^ (every block but the exact zeros),
+                            states embedded by zero padding
           "abc-psi":        abc-PSI's own step (flow only: its V^ does not contain V)
         core (coefficients, _core.core_update):
           "flow":           the integrator's own S-step, S^ = S^_0 - lr G^ (+ lambda S^_0)
@@ -285,8 +287,8 @@ class DLRT(LowRankOptimizer):
     betas, eps
         As ``torch.optim.Adam``.
     m2_transport : {"squared", "sqrt"}
-        The second moment through a change of coordinates (truncation; augmented BUG's
-        embedding): :func:`~lowrank_manifolds.optim._core.carry`
+        The second moment through a truncation's change of coordinates:
+        :func:`~lowrank_manifolds.optim._core.carry`
         (see :class:`GeometricAdam`).
     perp_second_moment : {"entrywise", "scalar"}
         :class:`GeometricAdam`'s option, for ``integrator="parallel-bug"``, ``core="adam"``
@@ -625,7 +627,7 @@ class DLRT(LowRankOptimizer):
         ``(U^, S^, V^, states, mask)``, states in the augmented coordinates."""
         manifold = p.manifold
         wd = gradient_decay(group)
-        field = None if param is None else self._fields.get(id(param))  # recorded: built and checked first
+        field = param_field = None if param is None else self._fields.get(id(param))  # recorded: checked first
         if field is None:  # the tangent field from p.grad
             parts = riemannian_parts(p, grad, manifold, mask)
             u, s, v = parts[:3]
@@ -633,24 +635,16 @@ class DLRT(LowRankOptimizer):
             field = self._tangent_field(parts, manifold.capacity, wd)
         else:
             u, s, v = manifold.unpack(p, check=False)
-        # ranks as masks: each point steps its active factors alone (no host read of a rank)
-        active = mask > 0 if manifold.adaptive else None
-        uh, sh, vh = _INSTANCES[group["integrator"]].augmented_step(u, s, v, field, group["lr"], active=active)
-        if group["core"] == "flow":
+        if group["core"] == "flow":  # ranks as masks: each point steps its active factors alone
+            active = mask > 0 if manifold.adaptive else None
+            uh, sh, vh = _INSTANCES[group["integrator"]].augmented_step(u, s, v, field, group["lr"], active=active)
             return uh, sh, vh, {}, mask
         a, b = field.evaluate(u, s, v, 0.0)  # F = A B^T (recorded or tangent field)
-        mu, nv = mT(uh) @ u, mT(v) @ vh  # M = U^^T U, N = V^T V^
-        s0 = mu @ s @ nv  # U^ S^_0 V^^T = U S V^T exactly: U, V lie in the augmented spans
-        g = -(mT(uh) @ a) @ (mT(b) @ vh)  # G^ = -U^^T F V^, every block (L2 term included)
-        support = None
-        if active is not None:  # the directions each point's step may use (2r of each basis)
-            r2 = 2 * active.sum(-1)
-            support = leading(r2, uh.shape[-1]).unsqueeze(-1) & leading(r2, vh.shape[-1]).unsqueeze(-2)
-            s0, g = torch.where(support, s0, 0.0), torch.where(support, g, 0.0)
-        squared = group["m2_transport"] == "squared"
+        uh, vh, s0, g, support = field_augment(u, s, v, a, b, mask > 0, tangent=param_field is None)
+        k_u, k_v = uh.shape[-1], vh.shape[-1]
 
-        def embedding(x, key):  # a state of the old bases in U^, V^
-            return carry(x, mu, nv, key, squared)
+        def embedding(x, key):  # a state of the old bases in U^, V^: the old directions first
+            return embed(x, k_u, k_v)
 
         sh, states = core_update(s0, g, group, state, embedding, support)
         return uh, sh, vh, states, mask
