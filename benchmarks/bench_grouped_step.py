@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import geoopt  # noqa: E402
 from lowrank_manifolds.nn import LowRankLinear  # noqa: E402
-from lowrank_manifolds.optim import DLRT, GeometricAdam, GeometricSGD  # noqa: E402
+from lowrank_manifolds.optim import DLRT, GeometricAdam, GeometricSGD, RiemannianAdam, RiemannianSGD  # noqa: E402
 
 READS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero"}
 
@@ -61,6 +61,10 @@ def _optimizers(lr=1e-3):
         "DLRT abc-PSI (p.grad)": (lambda ps, fe: DLRT(ps, lr=lr, integrator="abc-psi", foreach=fe), None),
         "DLRT augmented BUG + Adam, capacity 2r": (
             lambda ps, fe: DLRT(ps, lr=lr, integrator="augmented-bug", core="adam", foreach=fe), 2),
+        # foreach=False: geoopt's own per-parameter step
+        "RiemannianAdam (ours; False = geoopt's)": (lambda ps, fe: RiemannianAdam(ps, lr=lr, foreach=fe), None),
+        "RiemannianSGD, momentum 0.9 (ours; False = geoopt's)": (
+            lambda ps, fe: RiemannianSGD(ps, lr=lr, momentum=0.9, foreach=fe), None),
     }
 
 

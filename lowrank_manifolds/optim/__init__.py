@@ -7,6 +7,8 @@
   its :class:`GradientRecorder` (``recorder``) serves, for linear and convolutional
   layers, the gradient's products from one forward and one backward pass;
 - :class:`LoRAPreAdam` (``lora_pre``): Adam whose moments are kept as low-rank factors;
+- :class:`RiemannianSGD`, :class:`RiemannianAdam` (``riemannian``): geoopt's, with the
+  low-rank weights of one shape stepped as one batch;
 - :class:`RiemannianCG` (``cg``): nonlinear conjugate gradients with a backtracking line search
   and a closure, for matrix problems (with :mod:`lowrank_manifolds.completion`'s exact step).
 
@@ -20,6 +22,7 @@ from .dlrt import DLRT
 from .geometric import GeometricAdam, GeometricSGD
 from .lora_pre import LoRAPreAdam
 from .recorder import GradientRecorder
+from .riemannian import RiemannianAdam, RiemannianSGD
 
 __all__ = [
     "DLRT",
@@ -28,6 +31,8 @@ __all__ = [
     "GradientRecorder",
     "INTEGRATORS",
     "LoRAPreAdam",
+    "RiemannianAdam",
     "RiemannianCG",
+    "RiemannianSGD",
     "is_lowrank_parameter",
 ]

@@ -280,6 +280,27 @@ def adam_update(params: list, grads: list, states: list, lr, betas, eps, weight_
 # ---------------------------------------------------------------------------
 # base class
 # ---------------------------------------------------------------------------
+def write_staged(members: list, states: list, point: Tensor, staged: dict) -> None:
+    """Write a step computed on copies into the weights ``members`` and their ``states``:
+    ``point`` and the tensors of ``staged`` are stacked on a leading axis when there are
+    several members (one multi-tensor copy per key), the weight's own when there is one.
+    States the step created get storage of their own per weight."""
+    if len(members) == 1 and point.shape == members[0].shape:
+        members[0].copy_(point)
+        states[0].update(staged)
+        return
+    torch._foreach_copy_(list(members), list(point.unbind(0)))  # under no_grad: no detach (one op each)
+    for key, value in staged.items():
+        if not torch.is_tensor(value):
+            for s in states:
+                s[key] = value
+        elif key in states[0]:
+            torch._foreach_copy_([s[key] for s in states], list(value.unbind(0)))
+        else:
+            for s, v in zip(states, value.unbind(0)):
+                s[key] = v.clone()
+
+
 class LowRankOptimizer(torch.optim.Optimizer):
     """Step loop shared by the optimizers: low-rank weights vs ordinary parameters.
 
@@ -580,21 +601,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _commit(self, members: list, point: Tensor, staged: dict) -> None:
         """Write a staged step (:meth:`_stage`) into its weights and states."""
-        states = [self.state[p] for p in members]
-        if len(members) == 1:
-            members[0].copy_(point)
-            states[0].update(staged)
-            return
-        torch._foreach_copy_([p.detach() for p in members], list(point.unbind(0)))
-        for key, value in staged.items():
-            if not torch.is_tensor(value):
-                for s in states:
-                    s[key] = value
-            elif key in states[0]:
-                torch._foreach_copy_([s[key] for s in states], list(value.unbind(0)))
-            else:  # a state the step created: each weight gets its own storage
-                for s, v in zip(states, value.unbind(0)):
-                    s[key] = v.clone()
+        write_staged(members, [self.state[p] for p in members], point, staged)
 
     def _lowrank_step(self, x: Tensor, grad: Tensor, group: dict, state: dict, mask: Tensor,
                       param: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
