@@ -97,6 +97,31 @@ def test_nonfinite_gradient_raises_before_anything_is_written(name, where, value
     assert not all(torch.equal(a, b) for a, b in zip(before[0], snapshot(model, opt)[0]))
 
 
+@pytest.mark.parametrize("name", ["geometric-sgd", "geometric-adam", "dlrt-flow"])
+@pytest.mark.parametrize("where", [1, 2])  # a weight inside a shape group of three; the last one
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_nonfinite_gradient_in_a_shape_group_names_its_weight(name, where, value):
+    """A shape group's gradients are checked as one stacked tensor: the error still names the
+    weight whose gradient is not finite, and nothing of the group (or any other) is written."""
+    make = dict(OPTIMIZERS, **{"dlrt-flow": lambda m: DLRT(m.parameters(), lr=0.1, tol=0.1)})[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(*(LowRankLinear(6, 6, rank=2, max_rank=3, dtype=F64) for _ in range(3)))
+    opt = make(model)
+    x = torch.randn(16, 6, dtype=F64)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    before = snapshot(model, opt)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    bad = list(model.parameters())[where]
+    bad.grad.view(-1)[3] = value
+    with pytest.raises(FloatingPointError, match=re.escape(f"parameter {where} of param group 0 ")):
+        opt.step()
+    assert_bitwise_equal(snapshot(model, opt), before)
+
+
 def test_check_finite_can_be_switched_off():
     x, y = data()
     model = nn.Linear(6, 5, dtype=F64)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import geoopt
 import torch
@@ -301,6 +301,17 @@ def write_staged(members: list, states: list, point: Tensor, staged: dict) -> No
                 s[key] = v.clone()
 
 
+class _Staged(NamedTuple):
+    """A low-rank step computed on copies (:meth:`LowRankOptimizer._stage`): the weights, their
+    new point and states (stacked on a leading axis for several weights), and the gradient the
+    step read (stacked likewise), which the finiteness decision checks as one tensor."""
+
+    members: list
+    point: Tensor
+    states: dict
+    grad: Tensor
+
+
 class LowRankOptimizer(torch.optim.Optimizer):
     """Step loop shared by the optimizers: low-rank weights vs ordinary parameters.
 
@@ -490,7 +501,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         euclidean = {}
         if self.check_finite:
             over, finite = admit_step(self, self._grad_limit,
-                                      [t for _, point, states in staged for _, t in results(point, states)])
+                                      [t for record in staged for _, t in results(record.point, record.states)],
+                                      [(r.members, r.grad) for r in staged if len(r.members) > 1])
             if failure is not None:
                 self._raise_failure(*failure)
             if not all(finite):
@@ -500,7 +512,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         elif failure is not None:
             raise failure[0]
         for record in staged:
-            self._commit(*record)
+            self._commit(record.members, record.point, record.states)
         for group, plain, _ in work:
             rest = [p for p in plain if id(p) not in euclidean]
             if rest:
@@ -520,7 +532,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _staged_error(self, staged: list, k: int) -> FloatingPointError:
         """The error naming the ``k``-th result of ``staged`` (not finite) and its weight."""
-        for members, point, states in staged:
+        for members, point, states, _ in staged:
             items = results(point, states)
             if k < len(items):
                 what, t = items[k]
@@ -578,10 +590,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """:func:`active_first` of the point(s) ``x`` of ``members``."""
         return active_first(members[0].manifold, x, grad)
 
-    def _stage(self, members: list, group: dict) -> tuple:
+    def _stage(self, members: list, group: dict) -> "_Staged":
         r"""The step of ``members`` (the weights of one :meth:`_shape_groups` list) computed on
-        copies: ``(members, point, states)``, the new packed point and states (stacked on a
-        leading axis for several weights); nothing of the weights or their states is written
+        copies: the new packed point and states (stacked on a leading axis for several
+        weights) and the gradient the step read; nothing of the weights or their states is written
         (:meth:`_commit` writes). Several weights are stepped as one batched weight: every
         stage takes a batch of points with their own active ranks (ranks are masks), equal to
         the per-weight steps to rounding (tested)."""
@@ -590,14 +602,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
             x, grad = members[0].detach(), members[0].grad
             staged = {k: v.clone() if torch.is_tensor(v) else v for k, v in states[0].items()}
         else:
-            x = torch.stack([p.detach() for p in members])
+            x = torch.stack(members)  # under no_grad: no graph, no detach (one op each)
             grad = torch.stack([p.grad for p in members])
             staged = {k: torch.stack([s[k] for s in states]) if torch.is_tensor(v) else v
                       for k, v in states[0].items()}
+        stacked = grad
         x, grad, mask = self._active_first(members, x, grad)
         x.manifold = members[0].manifold  # a (batch of) point(s) of this manifold
         point = self._lowrank_step(x, grad, group, staged, mask, members[0] if len(members) == 1 else None)
-        return members, point, staged
+        return _Staged(members, point, staged, stacked)
 
     def _commit(self, members: list, point: Tensor, staged: dict) -> None:
         """Write a staged step (:meth:`_stage`) into its weights and states."""

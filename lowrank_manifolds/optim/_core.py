@@ -38,7 +38,7 @@ Embedding = Callable[[Tensor, str], Tensor]
 # ---------------------------------------------------------------------------
 # the tangent augmentation (integrator="parallel-bug" with a momentum or Adam core)
 # ---------------------------------------------------------------------------
-def _augmented_basis(u: Tensor, gv: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+def _augmented_basis(u: Tensor, gv: Tensor, mask: Tensor, adaptive: bool = True) -> Tuple[Tensor, Tensor]:
     r"""``(U^, C)`` from the Householder QR of :math:`[U, GV]` (``m x 2R``), its active columns
     first: :math:`[U_a, (GV)_a, 0] = QR` with ``U``'s active columns leading
     (:func:`~lowrank_manifolds.optim._base.active_first`) and ``mask`` marking them.
@@ -55,16 +55,21 @@ def _augmented_basis(u: Tensor, gv: Tensor, mask: Tensor) -> Tuple[Tensor, Tenso
     keeps the completing directions out of every coefficient: in :math:`[U, GV]` as it stands,
     the inactive (zero) columns of ``U`` would become arbitrary directions along which ``GV``
     has components, and a point's step would depend on its capacity's headroom.
-    (With ``m < 2R`` the basis has ``k = m`` columns instead of ``2R``.)
+    (With ``m < 2R`` the basis has ``k = m`` columns instead of ``2R``.) ``adaptive=False``
+    says every column is active (a fixed-rank point): the order is then ``[U, GV]`` as it
+    stands, and the two column permutations (5% of a batched fixed-rank step) are skipped.
     """
     cap = u.shape[-1]
     old = torch.cat([mask, torch.zeros_like(mask)], -1)
-    order = torch.argsort((~torch.cat([mask, mask], -1)).to(torch.uint8), dim=-1, stable=True)
     a = cat_last(u, gv)
-    q, r = qr(torch.gather(a, -1, order.unsqueeze(-2).expand(a.shape)))
+    if adaptive:
+        order = torch.argsort((~torch.cat([mask, mask], -1)).to(torch.uint8), dim=-1, stable=True)
+        a = torch.gather(a, -1, order.unsqueeze(-2).expand(a.shape))
+    q, r = qr(a)
     k = q.shape[-1]
     sign = torch.where(torch.diagonal(r[..., :, :k], dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
-    r = torch.gather(r, -1, torch.argsort(order, dim=-1).unsqueeze(-2).expand(r.shape))  # columns as in a
+    if adaptive:
+        r = torch.gather(r, -1, torch.argsort(order, dim=-1).unsqueeze(-2).expand(r.shape))  # columns as in a
     return q * sign.unsqueeze(-2), r[..., :, cap:] * (sign * ~old[..., :k]).unsqueeze(-1)
 
 
@@ -111,8 +116,8 @@ def tangent_augment(p: Tensor, grad: Tensor, manifold: FixedRankManifold, mask: 
     ``support = (core, up, vp)``."""
     u, s, v, mask, ds, gv, gtu = riemannian_parts(p, grad, manifold, mask)
     mask = mask > 0
-    uh, cu = _augmented_basis(u, gv, mask)
-    vh, cv = _augmented_basis(v, gtu, mask)
+    uh, cu = _augmented_basis(u, gv, mask, manifold.adaptive)
+    vh, cv = _augmented_basis(v, gtu, mask, manifold.adaptive)
     cap, k_u, k_v = manifold.capacity, uh.shape[-1], vh.shape[-1]
     support = _tangent_support(mask, k_u, k_v)
     gh = embed(ds, k_u, k_v) + nn.functional.pad(cu, (0, k_v - cap)) + nn.functional.pad(mT(cv), (0, 0, 0, k_u - cap))

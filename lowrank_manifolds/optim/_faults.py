@@ -102,10 +102,15 @@ def nonfinite_gradient_error(optimizer: torch.optim.Optimizer, g: int, i: int, p
 
 
 def admit_step(optimizer: torch.optim.Optimizer, limit: Callable[[Tensor], float],
-               results: Sequence[Tensor] = ()) -> Tuple[Dict[int, float], List[bool]]:
+               results: Sequence[Tensor] = (),
+               stacked: Sequence[Tuple[Sequence[Tensor], Tensor]] = ()) -> Tuple[Dict[int, float], List[bool]]:
     """The decision whether a step may be taken, before it writes anything, in one host read per
     device and dtype (free on the CPU): the largest entry of every dense ``p.grad`` and of every
-    tensor of ``results`` (a step computed on copies).
+    tensor of ``results`` (a step computed on copies). ``stacked`` holds ``(params, grads)``
+    pairs whose ``grads`` are those params' gradients stacked on a leading axis (the batch a
+    step already built): each is checked as one tensor, so that a shape group costs one
+    reduction however many weights it has; a parameter's own gradient is looked at only when
+    its batch is not finite or above ``limit``.
 
     Raises ``FloatingPointError`` naming the first parameter whose gradient has a non-finite
     entry. Returns ``(over, finite)``: ``over`` maps ``id(p)`` to the largest gradient entry of
@@ -113,14 +118,22 @@ def admit_step(optimizer: torch.optim.Optimizer, limit: Callable[[Tensor], float
     copies and checked before it is written), ``finite`` says for each of ``results`` whether
     it is finite."""
     grads = _grads(optimizer)
-    values = _max_abs([p.grad for _, _, p in grads] + list(results))
+    batch_of = {id(p): k for k, (params, _) in enumerate(stacked) for p in params}
+    alone = [p for _, _, p in grads if id(p) not in batch_of]
+    values = _max_abs([p.grad for p in alone] + [g for _, g in stacked] + list(results))
+    value_of = dict(zip(map(id, alone), values))
+    batch_values = values[len(alone):len(alone) + len(stacked)]
     over = {}
-    for (g, i, p), value in zip(grads, values):
+    for g, i, p in grads:
+        k = batch_of.get(id(p))
+        value = value_of[id(p)] if k is None else batch_values[k]
+        if k is not None and not value <= limit(p):  # the batch says "maybe": this weight's own entries
+            value = _max_abs([p.grad])[0]
         if not math.isfinite(value):
             raise nonfinite_gradient_error(optimizer, g, i, p)
         if value > limit(p):
             over[id(p)] = value
-    return over, [math.isfinite(v) for v in values[len(grads):]]
+    return over, [math.isfinite(v) for v in values[len(alone) + len(stacked):]]
 
 
 def all_finite(tensors: Sequence[Tensor]) -> List[bool]:

@@ -1,0 +1,97 @@
+"""What one optimizer step asks of the device, counted (no timing): kernels and host reads.
+
+On a GPU each computing operator is at least one kernel launch and each host read a
+synchronisation, so a step must cost per shape group, not per weight: for every optimizer,
+one steady-state step over 48 equal low-rank layers runs at most twice the kernels of a step
+over one layer and no more host reads (geoopt's own optimizers, the reference, grow about 48x).
+The counter itself (``lowrank_manifolds.testing.OpCounter``) is checked first against
+operations whose counts are known.
+"""
+from __future__ import annotations
+
+import warnings
+
+import geoopt
+import pytest
+import torch
+from torch import nn
+
+from lowrank_manifolds.nn import LowRankLinear
+from lowrank_manifolds.optim import DLRT, GeometricAdam, GeometricSGD, RiemannianAdam, RiemannianSGD
+from lowrank_manifolds.testing import OpCounter
+
+
+def test_the_counter_sees_every_kind_of_host_read_and_no_view_as_a_kernel():
+    x = torch.randn(5, 4)
+    with OpCounter() as count:
+        x.view(-1), x.expand(2, 5, 4), x.detach(), x.t()  # views: no kernel, no read
+    assert (count.ops, count.kernels, count.reads) == (4, 0, 0)
+    reads = [lambda: x.sum().tolist(), lambda: float(x.max()), lambda: bool(x.sum() > 0), lambda: x[x > 0],
+             lambda: x.numpy(), lambda: torch.equal(x, x), lambda: x.nonzero(), lambda: x.sum().item()]
+    for read in reads:
+        with OpCounter() as count:
+            read()
+        assert count.reads == 1, count.by_name
+    with OpCounter() as count:
+        x.add(1).mul_(2).clone()
+    assert (count.kernels, count.reads) == (3, 0)
+    assert "tolist" not in torch.Tensor.__dict__ and x.tolist()  # the wrapper is gone
+
+
+OPTIMIZERS = {
+    "GeometricSGD": (lambda ps: GeometricSGD(ps, lr=1e-2), None),
+    "GeometricAdam": (lambda ps: GeometricAdam(ps, lr=1e-3), None),
+    "GeometricAdam, capacity": (lambda ps: GeometricAdam(ps, lr=1e-3), 8),
+    "DLRT abc-PSI": (lambda ps: DLRT(ps, lr=1e-2, integrator="abc-psi"), None),
+    "DLRT augmented BUG, capacity": (lambda ps: DLRT(ps, lr=1e-2, integrator="augmented-bug", tol=1e-3), 8),
+    "DLRT augmented BUG + Adam, capacity": (
+        lambda ps: DLRT(ps, lr=1e-3, integrator="augmented-bug", core="adam", tol=1e-3), 8),
+    "DLRT parallel BUG + momentum, capacity": (
+        lambda ps: DLRT(ps, lr=1e-2, integrator="parallel-bug", core="momentum", tol=1e-3), 8),
+    "RiemannianAdam": (lambda ps: RiemannianAdam(ps, lr=1e-3), None),
+    "RiemannianSGD, momentum": (lambda ps: RiemannianSGD(ps, lr=1e-2, momentum=0.9), None),
+}
+
+
+def _count_step(make, layers, capacity=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(*(LowRankLinear(16, 16, 4, max_rank=capacity, bias=False) for _ in range(layers)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # DLRT without a recorder: from p.grad
+        opt = make(model.parameters())
+        x = torch.randn(8, 16)
+        for k in range(3):  # states exist: a steady-state step is counted
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            if k < 2:
+                opt.step()
+        with OpCounter() as count:
+            opt.step()
+    return count
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_step_costs_per_shape_group_not_per_weight(name):
+    """48 equal weights: at most 2x the kernels of one, and the same host reads. Of those, one
+    is the step's finiteness decision (the family's; for RiemannianAdam/SGD the manifold's
+    check, which it makes on the CPU only); the others are ``torch.equal`` tests the library
+    makes only of CPU tensors, where a read costs no synchronisation (``S`` diagonal, active
+    columns first), once per shape group."""
+    make, capacity = OPTIMIZERS[name]
+    one, many = _count_step(make, 1, capacity), _count_step(make, 48, capacity)
+    assert many.kernels <= 2 * one.kernels, (one.kernels, many.kernels, (many.by_name - one.by_name).most_common(8))
+    assert many.reads == one.reads, (one.by_name, many.by_name)
+    assert one.reads - one.by_name["equal"] <= 1 and one.by_name["equal"] <= 1, one.by_name
+
+
+@pytest.mark.parametrize("ours, stock, options", [
+    (RiemannianAdam, geoopt.optim.RiemannianAdam, dict(lr=1e-3)),
+    (RiemannianSGD, geoopt.optim.RiemannianSGD, dict(lr=1e-2, momentum=0.9)),
+])
+def test_geoopts_own_step_is_per_weight(ours, stock, options):
+    """The reference the batching is measured against: geoopt's loop grows with the weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = _count_step(lambda ps: stock(ps, **options), 48)
+    mine = _count_step(lambda ps: ours(ps, **options), 48)
+    assert ref.kernels > 15 * mine.kernels and ref.reads >= 48 > mine.reads, (ref.kernels, mine.kernels, ref.reads)
