@@ -191,6 +191,55 @@ def test_grouped_step_equals_the_per_weight_loop(name):
         assert (x - y).abs().max() < tol, name
 
 
+def _recorded_configs():
+    """Every configuration that takes a recorded field (``model=``): abc-PSI and augmented BUG."""
+    out = {"abc-psi-flow-k1": dict(integrator="abc-psi")}
+    for core in ("flow", "momentum", "adam"):
+        for k in ((1,) if core == "flow" else (1, 3)):
+            out[f"augmented-bug-{core}-k{k}"] = dict(integrator="augmented-bug", core=core, augment_every=k,
+                                                     momentum=0.9 if core == "momentum" else 0.0)
+    return out
+
+
+RECORDED = _recorded_configs()
+
+
+@pytest.mark.parametrize("name", list(RECORDED))
+def test_recorded_weights_step_as_one_batch_as_one_by_one(name):
+    """Recorded weights whose pairs have one shape are stepped as one batch (their fields built,
+    and checked against p.grad, on the stacked point): equal to the per-weight loop over 12 steps
+    with ranks 1, 2 and 4 moving inside one capacity, a fixed-rank weight of the same shape, a
+    lone shape, a weight that sometimes has no gradient and a dense layer."""
+    options = RECORDED[name]
+    lr = 0.05 if options.get("core") == "adam" else 0.3
+    runs = {}
+    for foreach in (None, False):
+        model = _mixed_model(3)
+        opt = DLRT(model.parameters(), lr=lr, model=model, foreach=foreach, **options)
+        runs[foreach] = _run(model, opt, 12, 4)
+        ranks = [layer.active_rank for layer in model if hasattr(layer, "active_rank")]
+        runs[foreach] = (runs[foreach], ranks)
+    (a, ranks_a), (b, ranks_b) = runs[None], runs[False]
+    assert ranks_a == ranks_b, (ranks_a, ranks_b)  # from 1, 2, 4 (the first steps are at mixed ranks)
+    tol = 1e-9 if options.get("core") == "adam" else 1e-12  # Adam's eps amplifies rounding (above)
+    for t, (pa, pb) in enumerate(zip(a, b)):
+        for x, y in zip(pa, pb):
+            assert (x - y).abs().max() < tol, (name, t, float((x - y).abs().max()))
+
+
+def test_a_refused_gradient_edit_in_a_recorded_batch_names_its_weight():
+    model = _mixed_model(5)
+    opt = DLRT(model.parameters(), lr=0.3, model=model)
+    gen = torch.Generator().manual_seed(0)
+    opt.zero_grad()
+    sum(((layer(torch.randn(16, layer.in_features, generator=gen, dtype=F64))) ** 2).mean() for layer in model).backward()
+    model[1].weight.grad.add_(1e-3 * torch.randn_like(model[1].weight.grad))  # not a uniform scaling
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"shape \(22, 4\)"):
+        opt.step()
+    assert all(torch.equal(x, p) for x, p in zip(before, model.parameters()))
+
+
 def test_foreach_must_be_none_or_a_bool():
     manifold, x0, _ = _points(0)
     with pytest.raises(ValueError, match="foreach"):

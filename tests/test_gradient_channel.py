@@ -63,6 +63,24 @@ def test_clipping_scales_the_whole_step(name, shape):
     assert not torch.allclose(got, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_recorded_layers_of_one_shape_step_as_one_batch_against_the_dense_reference(name):
+    """Three recorded layers of one shape at active ranks 1, 2, 4 (capacity 5) are stepped as
+    one batch; each ends where the integrator on its own dense gradient takes it."""
+    layers, data = [], []
+    for seed, rank in zip((0, 1, 2), (1, 2, 4)):
+        layer, x, y = problem(seed, shape=(9, 7, rank, 5))
+        layers.append(layer)
+        data.append((x, y))
+    refs = [dense_reference(layer, x, y, 1.0, name, 0.5, 0.05) for layer, (x, y) in zip(layers, data)]
+    model = nn.ModuleList(layers)
+    opt = DLRT([layer.weight for layer in layers], lr=0.5, integrator=name, tol=0.05, model=model)
+    sum(loss_of(layer, x, y) for layer, (x, y) in zip(layers, data)).backward()
+    opt.step()
+    for layer, ref in zip(layers, refs):
+        assert torch.allclose(layer.dense_weight().detach(), ref, atol=1e-12, rtol=0)
+
+
 def test_grad_scaler_unscales_and_skips_infs():
     layer, x, y = problem(1)
     ref = dense_reference(layer, x, y, 1.0, "abc-psi", 0.3, 0.1)

@@ -559,32 +559,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
         return stage_on_copies(self, [p for _, params in groups for p in params], step)
 
-    def _batchable(self, p: Tensor) -> bool:
-        """Whether ``p`` may be stepped in a batch with others (a subclass may hold per-weight
-        data that does not stack, e.g. a recorded field)."""
-        return True
+    def _batch_key(self, p: Tensor) -> tuple:
+        """What weights stepped as one batch share (metadata only: no host read): shape, dtype
+        and device, the manifold's configuration as the step reads it (the nominal rank of a
+        capacity weight, its retraction and second moment are geoopt's business, not the
+        step's), and the states' keys, shapes and counters. A subclass adds what its step
+        reads per weight (e.g. the shape of a recorded pair)."""
+        mf, state = p.manifold, self.state[p]
+        return (tuple(p.shape), p.dtype, p.device, type(mf), mf.m, mf.n, mf.capacity, mf.adaptive,
+                repr(mf.truncation), mf.check_finite,
+                tuple(sorted((k, (tuple(v.shape), v.dtype) if torch.is_tensor(v) else v) for k, v in state.items())))
 
     def _shape_groups(self, group: dict, params: list) -> list:
         """The low-rank weights of a param group, as lists stepped together: weights of one
-        shape, dtype and device, on manifolds of one configuration, whose states have the
-        same keys, shapes and counters (``foreach=False``, or a weight that is not
-        :meth:`_batchable`: one list per weight). Decided from metadata only (no host read)."""
-        if group.get("foreach") is not False:
-            batches: dict = {}
-            for p in params:
-                if not self._batchable(p):
-                    batches[("alone", id(p))] = [p]
-                    continue
-                mf, state = p.manifold, self.state[p]
-                # what the step reads of the manifold (the nominal rank of a capacity weight,
-                # its retraction and second moment are geoopt's business, not the step's)
-                key = (tuple(p.shape), p.dtype, p.device, type(mf), mf.m, mf.n, mf.capacity, mf.adaptive,
-                       repr(mf.truncation), mf.check_finite,
-                       tuple(sorted((k, (tuple(v.shape), v.dtype) if torch.is_tensor(v) else v)
-                                    for k, v in state.items())))
-                batches.setdefault(key, []).append(p)
-            return list(batches.values())
-        return [[p] for p in params]
+        :meth:`_batch_key`, in their order (``foreach=False``: one list per weight)."""
+        if group.get("foreach") is False:
+            return [[p] for p in params]
+        batches: dict = {}
+        for p in params:
+            batches.setdefault(self._batch_key(p), []).append(p)
+        return list(batches.values())
 
     def _active_first(self, members: list, x: Tensor, grad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """:func:`active_first` of the point(s) ``x`` of ``members``."""
@@ -609,7 +603,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         stacked = grad
         x, grad, mask = self._active_first(members, x, grad)
         x.manifold = members[0].manifold  # a (batch of) point(s) of this manifold
-        point = self._lowrank_step(x, grad, group, staged, mask, members[0] if len(members) == 1 else None)
+        point = self._lowrank_step(x, grad, group, staged, mask, members[0])
         return _Staged(members, point, staged, stacked)
 
     def _commit(self, members: list, point: Tensor, staged: dict) -> None:
@@ -620,7 +614,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                       param: Optional[Tensor]) -> Tensor:  # pragma: no cover - abstract
         """The new packed point of ``x`` (active columns first, ``mask`` its active columns;
         a copy or a batch of points, never a parameter) and ``grad``, updating ``state`` (the
-        staged states) in place; ``param`` is the parameter when ``x`` is its point alone."""
+        staged states) in place; ``param`` is the batch's first weight (the key of what the
+        optimizer prepared for the batch before the step, e.g. a recorded field)."""
         raise NotImplementedError
 
     def _euclidean_step(self, params: list, grads: list, states: list, group: dict) -> None:  # pragma: no cover

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from .._linalg import cat_last, mT, pinv_core, qr
+from .._linalg import cat_last, mT, qr, qr_kept_first
 from ..integrators import INTEGRATORS, MatrixField, TangentField
 from ._base import (
     LowRankOptimizer,
@@ -60,8 +60,9 @@ from ._core import (
     tangent_augment,
     truncate_and_carry,
 )
-from ._faults import Layout, count, floating, max_abs, pow2_scale, square_limit
+from ._faults import Layout, count, floating, pow2_scale, square_limit
 from .._args import nonneg, positive_int, unit_interval, user_stacklevel
+from ..manifold import FixedRankManifold
 from .recorder import GradientRecorder
 
 __all__ = ["DLRT"]
@@ -306,8 +307,9 @@ class DLRT(LowRankOptimizer):
         As in ``torch.optim``: ``None`` (default) or ``True`` step the low-rank weights of a
         param group that share shape, dtype, device, manifold configuration and state
         layout together, as one batch (one QR, SVD, ... call per shape group instead of
-        per weight; each weight keeps its own active rank, as a mask); ``False`` steps
-        them one by one (the reference; weights with a recorded field always are). The
+        per weight; each weight keeps its own active rank, as a mask; recorded weights batch
+        with those whose recorded pairs have their shape, and their fields are built and
+        checked on the stacked pairs); ``False`` steps them one by one (the reference). The
         results agree to rounding.
     """
 
@@ -353,8 +355,11 @@ class DLRT(LowRankOptimizer):
             model = model.module
         self._recorder = GradientRecorder(model) if model is not None else None
         self._grad_rtol = None if grad_rtol is None else nonneg(grad_rtol, "grad_rtol")
+        # per step, for the recorded weights: their pairs (by weight), and for each batch of them
+        # (by its first weight) the field and the stacked point, gradient and mask
+        self._pairs: Dict[int, Tuple[Tensor, Tensor]] = {}
         self._fields: Dict[int, MatrixField] = {}
-        self._points: Dict[int, Tuple[Tensor, Tensor, Tensor]] = {}  # per step: a recorded weight's active_first
+        self._points: Dict[int, Tuple[tuple, Tuple[Tensor, Tensor, Tensor]]] = {}
         self._warned = False
 
     def __getstate__(self):
@@ -369,7 +374,7 @@ class DLRT(LowRankOptimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._fields, self._points = {}, {}
+        self._pairs, self._fields, self._points = {}, {}, {}
 
     @property
     def recorder(self) -> Optional[GradientRecorder]:
@@ -427,8 +432,9 @@ class DLRT(LowRankOptimizer):
                 "it needs integrator='parallel-bug' and core='adam' (GeometricAdam)"
             )
 
-    def _batchable(self, p: Tensor) -> bool:
-        return id(p) not in self._fields  # a recorded field is built for its one weight
+    def _batch_key(self, p: Tensor) -> tuple:
+        pair = self._pairs.get(id(p))  # recorded weights batch with those of pairs of one shape
+        return super()._batch_key(p) + ((None,) if pair is None else tuple((t.shape, t.dtype) for t in pair))
 
     def _euclidean_step(self, params, grads, states, group):
         foreach = group["foreach"]
@@ -458,30 +464,43 @@ class DLRT(LowRankOptimizer):
         self._fields = self._recorded_fields()
 
     def _end_step(self) -> None:
-        self._fields, self._points = {}, {}
+        self._pairs, self._fields, self._points = {}, {}, {}
 
     def _recorded_fields(self) -> Dict[int, MatrixField]:
-        """The field of every recorded low-rank weight with a gradient (keyed by ``id``),
-        after one check of all of them against ``p.grad`` (one host synchronisation)."""
+        """The field of every batch of recorded low-rank weights with a gradient (keyed by the
+        ``id`` of the batch's first weight; the batches are :meth:`_shape_groups`', pairs of one
+        shape stacked), after one check of all of them against ``p.grad`` (one host
+        synchronisation)."""
         if self._recorder is None:
             return {}
         fields, checks = {}, []
         for group in self.param_groups:
+            recorded = []
             for p in group["params"]:
                 if p.grad is None or not is_lowrank_parameter(p) or not self._needs_field(group, p):
                     continue
                 pair = self._recorder.pair(p)
-                if pair is None:
-                    continue
-                field, residual = self._reconciled_field(p, p.grad, pair, gradient_decay(group))
-                fields[id(p)] = field
-                checks.append((p, residual))
+                if pair is not None:
+                    self._pairs[id(p)] = pair
+                    recorded.append(p)
+            for members in self._shape_groups(group, recorded):
+                one = len(members) == 1
+                x = members[0].detach() if one else torch.stack(members)
+                grad = members[0].grad if one else torch.stack([p.grad for p in members])
+                pair = self._pairs[id(members[0])] if one else tuple(
+                    torch.stack([self._pairs[id(p)][k] for p in members]) for k in range(2))
+                x, grad, mask = point = active_first(members[0].manifold, x, grad)
+                self._points[id(members[0])] = (tuple(map(id, members)), point)
+                field, residual = self._reconciled_field(members[0].manifold, x, grad, mask, pair,
+                                                         gradient_decay(group))
+                fields[id(members[0])] = field
+                checks.append((members, residual.reshape(-1)))
         if checks:
             # NaN compares False: a non-finite gradient is left to the finiteness check.
-            bad = torch.stack([res for _, res in checks]) > 1
+            bad = torch.cat([res for _, res in checks]) > 1  # a residual per weight
             if bool(bad.any()):  # host sync: whether the step may be taken
                 i = int(bad.nonzero()[0, 0])
-                p = checks[i][0]
+                p = [p for members, _ in checks for p in members][i]
                 raise RuntimeError(
                     f"DLRT: the gradient of the low-rank weight of shape {tuple(p.shape)} is not a "
                     "scalar multiple of the gradient recorded from the layer's forward and backward "
@@ -499,31 +518,38 @@ class DLRT(LowRankOptimizer):
         k = group["augment_every"]
         return group["integrator"] != "parallel-bug" and self.state.get(p, {}).get("phase", 0) % k == 0
 
-    def _reconciled_field(self, p: Tensor, grad: Tensor, pair, weight_decay: float):
-        r"""The field :math:`-(P_X G + c N') - \lambda W` of a recorded weight and the
-        relative residual of :math:`p.grad \approx c \nabla_{rec}` divided by the
-        tolerance (a 0-d tensor; > 1 means refused). See the class docstring. The weight's
-        point and gradient, active columns first (:func:`active_first`), are kept for its step."""
-        manifold = p.manifold
-        x, grad, mask = self._points[id(p)] = active_first(manifold, p.detach(), grad)
-        # the integrators take unpadded factors: the largest active rank (a host read, none at fixed rank)
-        r = max(int(mask.sum(-1).max()), 1) if manifold.adaptive else manifold.capacity
-        u, s, v = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(x, check=False)))
-        du, ds, dv = (t[..., :r, :r] if i == 1 else t[..., :r] for i, t in enumerate(manifold.unpack(grad, check=False)))
-        a, b = pair
-        # the tangent part from p.grad
-        s_inv = pinv_core(s, manifold.pinv_rtol(s.dtype))  # as egrad2rgrad: a zero s_i freezes nothing
-        gv, gtu = du @ mT(s_inv), dv @ s_inv  # G V = dU S^{+T}, G^T U = dV S^{+}
+    def _reconciled_field(self, manifold: FixedRankManifold, x: Tensor, grad: Tensor, mask: Tensor, pair,
+                          weight_decay: float):
+        r"""The field :math:`-(P_X G + c N') - \lambda W` of a recorded point ``x`` (a batch
+        of points allowed: ``grad``, ``mask`` and the pair stacked alike; active columns
+        first) and the relative residual of :math:`p.grad \approx c \nabla_{rec}` divided by
+        the tolerance, one per point (> 1 means refused). See the class docstring."""
+        # the tangent part from p.grad, at the static capacity R (inactive columns exactly zero)
+        u, s, v, mask, ds, gv, gtu = riemannian_parts(x, grad, manifold, mask)
+        du, dv = manifold.unpack(grad, check=False)[::2]
         up, vp = gv - u @ ds, gtu - v @ mT(ds)
-        # The K-step's new directions: Q_u, orthonormal and orthogonal to U (the last columns of
-        # the QR of [U, Up]; a QR of Up alone would fill a rank-deficient Up with columns that
-        # are not), so that Q_u Q_u^T is a projection inside the complement of U; Up = Q_u R_u.
-        q_u = qr(cat_last(u, up))[0][..., r:]
+        # The K-step's new directions: Q_u, orthonormal and orthogonal to U (the QR of [U, Up],
+        # whose first r columns are U's own; a QR of Up alone would fill a rank-deficient Up with
+        # columns that are not), so that Q_u Q_u^T is a projection inside the complement of U;
+        # Up = Q_u R_u. With a capacity, each point's active columns of U and then of Up go
+        # first (a device-side sort; no host read of the rank) and Q_u is the r columns after
+        # U's, the rest of its R columns zero.
+        cap = manifold.capacity
+        if manifold.adaptive:
+            q = qr_kept_first(cat_last(u, up), torch.cat([mask, mask], -1) > 0)
+            rank = mask.sum(-1, keepdim=True).long()
+            j = torch.arange(cap, device=u.device)
+            cols = (rank + j).clamp(max=q.shape[-1] - 1)
+            q_u = torch.gather(q, -1, cols.unsqueeze(-2).expand(*q.shape[:-1], cap))
+            q_u = q_u * ((j < rank) & (rank + j < q.shape[-1])).unsqueeze(-2).to(q.dtype)
+        else:
+            q_u = qr(cat_last(u, up))[0][..., cap:]
         r_u = mT(q_u) @ up
+        a, b = pair
         # what only the pair knows, and its tangent products for the check
         gv_rec = a @ (mT(b) @ v)
-        both = b @ (mT(a) @ cat_last(u, q_u))  # one product for both (q_u has min(m, 2r) - r columns)
-        gtu_rec, btq = both[..., :r], both[..., r:]
+        both = b @ (mT(a) @ cat_last(u, q_u))  # one product for both
+        gtu_rec, btq = both[..., :cap], both[..., cap:]
         if self._process_group is not None:
             gv_rec, gtu_rec, btq = self._average(gv_rec, gtu_rec, btq)
         ntq = btq - v @ (mT(v) @ btq)  # N^T Q_u = (I - VV^T) B A^T Q_u
@@ -533,20 +559,25 @@ class DLRT(LowRankOptimizer):
         # side is scaled by a power of two first (exactly 1 for ordinary gradients: no bit
         # changes; its own, as p.grad may be many orders of magnitude the recorded gradient),
         # c in the scaled units, then in the field's.
-        limit = square_limit(p.dtype, sum(g.numel() for g in got))
-        sg, sr = (pow2_scale(torch.stack([max_abs(t) for t in side]).amax(), limit) for side in (got, rec))
+        limit = square_limit(x.dtype, sum(g.shape[-2] * g.shape[-1] for g in got))
+        sg, sr = (pow2_scale(torch.stack([t.abs().amax((-2, -1)) for t in side]).amax(0), limit)[..., None, None]
+                  for side in (got, rec))
         got, rec = [g / sg for g in got], [q / sr for q in rec]
-        dot = sum(torch.linalg.vecdot(g.flatten(), q.flatten()) for g, q in zip(got, rec))
-        rr = sum(torch.linalg.vecdot(q.flatten(), q.flatten()) for q in rec)
-        gg = sum(torch.linalg.vecdot(g.flatten(), g.flatten()) for g in got)
-        tiny = torch.finfo(p.dtype).tiny
-        c = torch.where(rr > 0, dot / rr.clamp(min=tiny), torch.ones_like(rr))
-        res2 = sum(torch.linalg.vecdot(d.flatten(), d.flatten()) for d in (g - c * q for g, q in zip(got, rec)))
-        rtol = self._grad_rtol if self._grad_rtol is not None else 10 * math.sqrt(torch.finfo(p.dtype).eps)
+
+        def dot_(a: Tensor, b: Tensor) -> Tensor:  # per point
+            return torch.linalg.vecdot(a.flatten(-2), b.flatten(-2))
+
+        dot = sum(dot_(g, q) for g, q in zip(got, rec))
+        rr = sum(dot_(q, q) for q in rec)
+        gg = sum(dot_(g, g) for g in got)
+        tiny = torch.finfo(x.dtype).tiny
+        c = torch.where(rr > 0, dot / rr.clamp(min=tiny), torch.ones_like(rr))[..., None, None]
+        res2 = sum(dot_(d, d) for d in (g - c * q for g, q in zip(got, rec)))
+        rtol = self._grad_rtol if self._grad_rtol is not None else 10 * math.sqrt(torch.finfo(x.dtype).eps)
         residual = res2.sqrt() / (rtol * gg.sqrt().clamp(min=tiny))
         c = c * (sg / sr)
         mm = ds + weight_decay * s if weight_decay else ds  # P_X(W) = U S V^T: only M
-        # P_X G + c N' = U (M V^T + Vp^T) + Q_u (R_u V^T + c (N^T Q_u)^T): a pair of width 2r
+        # P_X G + c N' = U (M V^T + Vp^T) + Q_u (R_u V^T + c (N^T Q_u)^T): a pair of width 2R
         field = MatrixField((cat_last(u, q_u), -cat_last(v @ mT(mm) + vp, v @ mT(r_u) + c * ntq)))
         return field, residual
 
@@ -581,8 +612,8 @@ class DLRT(LowRankOptimizer):
 
 
     def _active_first(self, members, x, grad):
-        cached = self._points.get(id(members[0])) if len(members) == 1 else None  # a recorded weight's
-        return cached if cached is not None else super()._active_first(members, x, grad)
+        ids, point = self._points.get(id(members[0]), ((), None))  # a recorded batch's, computed with its field
+        return point if ids == tuple(map(id, members)) else super()._active_first(members, x, grad)
 
     def _lowrank_layout(self, p, group) -> Layout:
         cap = p.manifold.capacity
@@ -627,7 +658,7 @@ class DLRT(LowRankOptimizer):
         ``(U^, S^, V^, states, mask)``, states in the augmented coordinates."""
         manifold = p.manifold
         wd = gradient_decay(group)
-        field = param_field = None if param is None else self._fields.get(id(param))  # recorded: checked first
+        field = param_field = self._fields.get(id(param))  # a recorded batch's: checked first
         if field is None:  # the tangent field from p.grad
             parts = riemannian_parts(p, grad, manifold, mask)
             u, s, v = parts[:3]
