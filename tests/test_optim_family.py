@@ -2,8 +2,9 @@
 
 References, all independent of the optimizers' code:
 
-* every configuration (basis update x core x schedule) against a dense float64 reference of
-  its step, written here from the formulas: dense projections P_U = U U^T, bases from QRs of
+* every configuration (basis update x core x schedule), and each option that changes a step
+  (fixed rank, no recorder, the second moment's square-root transport, GeometricAdam's scalar
+  second moments of the rotation blocks), against a dense float64 reference of its step, written here from the formulas: dense projections P_U = U U^T, bases from QRs of
   [U, (I - UU^T) G V] (tangent, and augmented BUG's Adam) or [U S - h G V, U] (augmented BUG), the heavy-ball buffer as a
   dense matrix, Adam's moments in coordinates of the reference's own bases (the second moment
   is entrywise, hence coordinate-dependent: compared after checking that the bases agree up to
@@ -51,14 +52,19 @@ def make_optimizer(layer, integrator, core, k, hp):
     """The configuration under its public name: GeometricSGD / GeometricAdam where it is one."""
     lr, tol, wd, dec, mom, damp, nest = (hp[key] for key in ("lr", "tol", "wd", "dec", "mom", "damp", "nest"))
     params = layer.parameters()
+    fixed = hp.get("fixed", False)
+    tol = None if fixed else tol
     if (integrator, core, k) == ("parallel-bug", "momentum", 1) and not dec:
-        return GeometricSGD(params, lr=lr, momentum=mom, dampening=damp, nesterov=nest, weight_decay=wd, tol=tol)
+        return GeometricSGD(params, lr=lr, momentum=mom, dampening=damp, nesterov=nest, weight_decay=wd, tol=tol,
+                            fixed_rank=fixed)
     if (integrator, core) == ("parallel-bug", "adam"):
         return GeometricAdam(params, lr=lr, betas=(B1, B2), eps=EPS, weight_decay=wd, decoupled_weight_decay=dec,
-                             tol=tol, augment_every=k)
+                             tol=tol, augment_every=k, fixed_rank=fixed, m2_transport=hp.get("m2", "squared"),
+                             perp_second_moment=hp.get("perp", "entrywise"))
+    recorded = integrator != "parallel-bug" and hp.get("recorded", True)
     return DLRT(params, lr=lr, integrator=integrator, core=core, augment_every=k, tol=tol, weight_decay=wd,
                 decoupled_weight_decay=dec, momentum=mom, dampening=damp, nesterov=nest, betas=(B1, B2), eps=EPS,
-                model=None if integrator == "parallel-bug" else layer)
+                fixed_rank=fixed, m2_transport=hp.get("m2", "squared"), model=layer if recorded else None)
 
 
 def make_layer(rank, seed, tol=0.0):
@@ -120,6 +126,9 @@ class Reference:
         x, u, v = self.x, self.u, self.v
         g = x - target + (0.0 if decoupled else wd) * x  # L2 in the gradient
         x0 = (1 - lr * wd) * x if decoupled else x
+        if not hp.get("recorded", True):  # the field from p.grad alone: P_X G
+            pu, pv = u @ u.T, v @ v.T
+            g = pu @ g + g @ pv - pu @ g @ pv
         phase, last = self.phase, self.phase == self.k - 1
         self.phase = (phase + 1) % self.k
         if phase > 0:  # a core-only step in the fixed bases u, v
@@ -137,8 +146,14 @@ class Reference:
                 # coordinates its Adam core uses; the heavy ball is blind to them
                 qu, ru = pos_qr((torch.eye(M, dtype=F64) - pu) @ g @ v)
                 qv, rv = pos_qr((torch.eye(N, dtype=F64) - pv) @ g.T @ u)
+                if self.integrator == "augmented-bug":
+                    # its new directions are the QR's of the field's F V = -G V: the columns of
+                    # Q_U, Q_V (and their coefficients) change sign. Only the square-root
+                    # transport of the second moment sees signs: (P^T sqrt(m2) Q)^2 mixes entries
+                    # with the signs of the augmented basis.
+                    qu, ru, qv, rv = -qu, -ru, -qv, -rv
                 uh, vh = torch.cat([u, qu], 1), torch.cat([v, qv], 1)
-                tangent = self.integrator == "parallel-bug"
+                tangent = self.integrator == "parallel-bug" or not hp.get("recorded", True)
                 dense_g = pu @ g + g @ pv - pu @ g @ pv if tangent else uh @ uh.T @ g @ vh @ vh.T
                 # the coefficients blockwise: the triangles of the QRs exact, the normal block
                 # zero for P_X G (the recorded G of augmented BUG has one)
@@ -175,13 +190,16 @@ class Reference:
             return
         tol = hp["tol"] if last else 0.0  # a cycle's first step keeps what the capacity holds
         p, sv, qt = torch.linalg.svd(core)
-        r1 = ref_rank(sv, tol, CAP)
+        r1 = self.u.shape[1] if hp.get("fixed") else ref_rank(sv, tol, CAP)
         p, q = p[:, :r1], qt[:r1].T
         self.u, self.s, self.v = uh @ p, torch.diag(sv[:r1]), vh @ q
         if self.buf is not None:
             self.buf = self.u @ self.u.T @ self.buf @ self.v @ self.v.T  # P_U1 B P_V1
         if self.m1 is not None:
-            self.m1, self.m2 = p.T @ self.m1 @ q, (p * p).T @ self.m2 @ (q * q)
+            squared = (p * p).T @ self.m2 @ (q * q)
+            if hp.get("m2") == "sqrt":  # the paper's (P^T sqrt(m2) Q)^2, floored by the squared one
+                squared = torch.maximum(squared, (p.T @ self.m2.sqrt() @ q).square())
+            self.m1, self.m2 = p.T @ self.m1 @ q, squared
 
     def _momentum(self, dense_g):
         hp = self.hp
@@ -197,7 +215,16 @@ class Reference:
             self.m1, self.m2 = torch.zeros_like(gh), torch.zeros_like(gh)
         self.m1 = B1 * self.m1 + (1 - B1) * gh
         self.m2 = B2 * self.m2 + (1 - B2) * gh * gh
-        return (self.m1 / (1 - B1**self.t)) / ((self.m2 / (1 - B2**self.t)).sqrt() + EPS)
+        denom = (self.m2 / (1 - B2**self.t)).sqrt() + EPS
+        if self.hp.get("perp") == "scalar" and gh.shape[0] > self.u.shape[1]:
+            # one second moment per rotation block: the EMA of its mean square (r^2 entries)
+            r = self.u.shape[1]
+            blocks = (gh[r:, :r], gh[:r, r:])  # Up (new x old), Vp (old x new)
+            ms = torch.stack([b.square().sum() / r**2 for b in blocks])
+            self.v_perp = B2 * getattr(self, "v_perp", torch.zeros(2, dtype=F64)) + (1 - B2) * ms
+            rms = (self.v_perp / (1 - B2**self.t)).sqrt() + EPS
+            denom[r:, :r], denom[:r, r:] = rms[0], rms[1]
+        return (self.m1 / (1 - B1**self.t)) / denom
 
 
 def compare(layer, opt, ref, core):
@@ -224,13 +251,6 @@ def compare(layer, opt, ref, core):
 @given(seed=st.integers(0, 2**16), rank=st.sampled_from([2, 3]), tol=st.sampled_from([0.02, 0.2]),
        wd=st.sampled_from([0.0, 0.05]), dec=st.booleans(), heavy=st.sampled_from(["plain", "damped", "nesterov"]))
 def test_each_configuration_equals_its_dense_reference(integrator, core, k, seed, rank, tol, wd, dec, heavy):
-    if (integrator, core) == ("parallel-bug", "adam"):
-        # At a padded active rank the tangent augmentation's coordinates are those of the QR of
-        # the padded [U, GV] (its zero columns give Householder directions that carry part of
-        # GV), not [U, orth((I - UU^T) GV)]; Adam's entrywise second moment depends on them.
-        # The reference's coordinates are the latter: compare at full active rank (tol 0 keeps
-        # the capacity, 2R <= n), where both are the unique QR.
-        rank, tol = CAP, 0.0
     hp = dict(lr=0.05 if core == "adam" else 0.2, tol=tol, wd=wd, dec=dec, mom=0.9,
               damp=0.3 if heavy == "damped" else 0.0, nest=heavy == "nesterov")
     layer = make_layer(rank, seed)
@@ -245,6 +265,44 @@ def test_each_configuration_equals_its_dense_reference(integrator, core, k, seed
         ref.step(target)
         compare(layer, opt, ref, core)
     assert (ref.x - x_start).norm() > 1e-2  # it moved
+
+
+#: The options the sampled test above leaves at their defaults, each against the same reference:
+#: augmented BUG and abc-PSI from p.grad alone (no recorder: the field is P_X G), fixed rank,
+#: the square-root transport of Adam's second moment, GeometricAdam's scalar second moments of
+#: the rotation blocks. (name, integrator, core, k, options)
+OPTION_CASES = [
+    *[(f"{i}-{c}-k{k}-from-p.grad", i, c, k, dict(recorded=False))
+      for i, c, k in CONFIGS if i != "parallel-bug"],
+    *[(f"{i}-{c}-k1-fixed-rank", i, c, 1, dict(fixed=True)) for i, c, k in CONFIGS if k == 1],
+    *[(f"{i}-adam-k{k}-sqrt-transport", i, "adam", k, dict(m2="sqrt"))
+      for i, c, k in CONFIGS if c == "adam"],
+    *[(f"parallel-bug-adam-k{k}-scalar-perp", "parallel-bug", "adam", k, dict(perp="scalar")) for k in (1, 3)],
+]
+
+
+@pytest.mark.parametrize("integrator, core, k, options", [case[1:] for case in OPTION_CASES],
+                         ids=[case[0] for case in OPTION_CASES])
+@pytest.mark.parametrize("seed, rank", [(0, 2), (1, 3)])
+def test_each_option_equals_its_dense_reference(integrator, core, k, options, seed, rank):
+    hp = dict(lr=0.05 if core == "adam" else 0.2, tol=0.2, wd=0.05, dec=False, mom=0.9, damp=0.0, nest=False,
+              **options)
+    layer = make_layer(rank, seed)
+    u, s, v = (t.detach().clone() for t in layer.manifold.unpack(layer.weight))
+    ref = Reference(u[:, :rank], s[:rank, :rank], v[:, :rank], integrator, core, k, hp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if options.get("recorded", True) is False else "error", RuntimeWarning)
+        opt = make_optimizer(layer, integrator, core, k, hp)
+        gen = torch.Generator().manual_seed(seed + 1)
+        ranks = set()
+        for _ in range(5):
+            target = torch.randn(M, N, generator=gen, dtype=F64)
+            step_on(layer, opt, target)
+            ref.step(target)
+            compare(layer, opt, ref, core)
+            ranks.add(layer.active_rank)
+    if options.get("fixed"):
+        assert ranks == {rank}
 
 
 # --------------------------------------------------------------------------
