@@ -529,6 +529,29 @@ def test_refused_configurations():
         DLRT(ps(), lr=0.1, core="flow", nesterov=True)
 
 
+def test_options_that_would_do_nothing_are_refused():
+    """An option whose configuration never reads it raises, naming it, before anything is added."""
+    ps = lambda: fresh_layer().parameters()  # noqa: E731
+    for core in ("flow", "momentum"):  # no second moment to transport
+        with pytest.raises(ValueError, match="m2_transport='sqrt'.*core='adam'"):
+            DLRT(ps(), lr=0.1, integrator="augmented-bug", core=core, m2_transport="sqrt")
+    DLRT(ps(), lr=0.1, integrator="augmented-bug", core="adam", m2_transport="sqrt")  # where it does something
+    with pytest.raises(ValueError, match="grad_rtol.*model="):
+        DLRT(ps(), lr=0.1, grad_rtol=1e-3)
+    layer = fresh_layer()
+    DLRT(layer.parameters(), lr=0.1, grad_rtol=1e-3, model=layer)
+    # a truncation option on a fixed-rank weight (tol raised before; min_rank and relative did nothing)
+    fixed = LowRankLinear(N, M, rank=2, dtype=F64)
+    for option in (dict(tol=0.1), dict(min_rank=2), dict(relative=False)):
+        with pytest.raises(ValueError, match=f"{next(iter(option))}=.*fixed-rank"):
+            DLRT(fixed.parameters(), lr=0.1, **option)
+    # an edit of the group to such a value is refused at the next step, before anything is written
+    opt = DLRT(ps(), lr=0.1, integrator="augmented-bug", core="momentum")
+    opt.param_groups[0]["m2_transport"] = "sqrt"
+    with pytest.raises(ValueError, match="param group 0.*m2_transport"):
+        opt.step()
+
+
 # --------------------------------------------------------------------------
 # the coordinates of the augmentation
 # --------------------------------------------------------------------------

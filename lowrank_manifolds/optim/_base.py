@@ -389,16 +389,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         check_truncation_options(group)
 
     def _check_weights(self, group: dict) -> None:
-        """The group's low-rank weights against its options (when it is added or loaded)."""
-        if group["tol"] is None:
+        """The group's low-rank weights against its options (when it is added or loaded): a
+        truncation option (``tol``, ``min_rank``, ``relative``) configures a rank-adaptive
+        truncation, and on a fixed-rank weight it would do nothing."""
+        given = [k for k in ("tol", "min_rank", "relative") if group[k] is not None]
+        if not given:
             return
         for p in group["params"]:
             manifold = getattr(p, "manifold", None)
             if isinstance(manifold, FixedRankManifold) and not manifold.adaptive:
+                what = ", ".join(f"{k}={group[k]}" for k in given)
                 raise ValueError(
-                    f"tol={group['tol']} makes the rank adaptive, but a weight lives on the "
+                    f"{what} configures a rank-adaptive truncation, but a weight lives on the "
                     f"fixed-rank {manifold}: build its layer with a capacity (max_rank=...) or "
-                    "put it in a group with tol=None"
+                    f"put it in a group without {' or '.join(given)}"
                 )
 
     def zero_grad(self, set_to_none: bool = True) -> None:

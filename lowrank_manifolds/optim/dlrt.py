@@ -290,7 +290,9 @@ class DLRT(LowRankOptimizer):
     m2_transport : {"squared", "sqrt"}
         The second moment through a truncation's change of coordinates:
         :func:`~lowrank_manifolds.optim._core.carry`
-        (see :class:`GeometricAdam`).
+        (see :class:`GeometricAdam`); ``"sqrt"`` only with ``core="adam"``. The squared
+        transport is blind to the signs of the basis columns; the square-root one is not
+        (its result depends on that arbitrary choice, tested with the code's convention).
     perp_second_moment : {"entrywise", "scalar"}
         :class:`GeometricAdam`'s option, for ``integrator="parallel-bug"``, ``core="adam"``
         only (its blocks are those of the tangent augmentation).
@@ -299,10 +301,13 @@ class DLRT(LowRankOptimizer):
     model : nn.Module, optional
         Attach a :class:`GradientRecorder` to this model. A
         ``torch.nn.parallel.DistributedDataParallel`` module is recorded through its
-        ``module``, and its process group averages the recorded products.
+        ``module``, and its process group averages the recorded products. Only the weights
+        whose next step evaluates a field are recorded (not those of parallel BUG groups, nor
+        in the core-only steps of a cycle).
     grad_rtol : float, optional
         Relative tolerance of the check that ``p.grad`` is a scalar multiple of the
-        recorded gradient; default ``10 * sqrt(eps)`` of the weight's dtype.
+        recorded gradient; default ``10 * sqrt(eps)`` of the weight's dtype. Only with
+        ``model=`` (refused without: it would do nothing).
     foreach : bool, optional
         As in ``torch.optim``: ``None`` (default) or ``True`` step the low-rank weights of a
         param group that share shape, dtype, device, manifold configuration and state
@@ -348,12 +353,18 @@ class DLRT(LowRankOptimizer):
             decoupled_weight_decay=decoupled_weight_decay, m2_transport=m2_transport,
             perp_second_moment=perp_second_moment, foreach=foreach,
         )
+        if grad_rtol is not None and model is None:
+            raise ValueError("grad_rtol is the tolerance of the check of p.grad against the gradient recorded "
+                             "from model=: without model= there is nothing to check (it would do nothing)")
         super().__init__(params, defaults)
         self._process_group = None
         if isinstance(model, nn.parallel.DistributedDataParallel):
             self._process_group = model.process_group
             model = model.module
         self._recorder = GradientRecorder(model) if model is not None else None
+        self._group_of: Tuple[tuple, Dict[int, dict]] = ((), {})  # id(param) -> its group, for the recorder
+        if self._recorder is not None:
+            self._recorder.wants = self._wants_record
         self._grad_rtol = None if grad_rtol is None else nonneg(grad_rtol, "grad_rtol")
         # per step, for the recorded weights: their pairs (by weight), and for each batch of them
         # (by its first weight) the field and the stacked point, gradient and mask
@@ -375,6 +386,9 @@ class DLRT(LowRankOptimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._pairs, self._fields, self._points = {}, {}, {}
+        self._group_of: Tuple[tuple, Dict[int, dict]] = ((), {})  # id(param) -> its group, for the recorder
+        if self._recorder is not None:
+            self._recorder.wants = self._wants_record
 
     @property
     def recorder(self) -> Optional[GradientRecorder]:
@@ -422,6 +436,11 @@ class DLRT(LowRankOptimizer):
             raise ValueError("augment_every > 1 grows the rank inside a cycle: it needs fixed_rank=False")
         if group["m2_transport"] not in ("sqrt", "squared"):
             raise ValueError(f"m2_transport must be 'sqrt' or 'squared', got {group['m2_transport']!r}")
+        if group["m2_transport"] != "squared" and group["core"] != "adam":
+            raise ValueError(
+                f"m2_transport={group['m2_transport']!r} is the transport of Adam's second moment: it needs "
+                f"core='adam' (core={group['core']!r} has none; the option would do nothing)"
+            )
         if group["perp_second_moment"] not in ("entrywise", "scalar"):
             raise ValueError(
                 f"perp_second_moment must be 'entrywise' or 'scalar', got {group['perp_second_moment']!r}"
@@ -510,6 +529,17 @@ class DLRT(LowRankOptimizer):
                     "to take the step from p.grad alone (field -P_X G)."
                 )
         return fields
+
+    def _wants_record(self, param: Tensor) -> bool:
+        """Whether the recorder keeps ``(x, dY)`` for ``param`` in this forward: only where the
+        next step evaluates a field (:meth:`_needs_field`), so that parallel BUG and the
+        core-only steps of a cycle hold no recorded activations. (A weight this optimizer does
+        not hold is recorded: its pair is never read.)"""
+        shape = tuple(len(g["params"]) for g in self.param_groups)
+        if self._group_of[0] != shape:  # built again when the groups change
+            self._group_of = (shape, {id(p): g for g in self.param_groups for p in g["params"]})
+        group = self._group_of[1].get(id(param))
+        return group is None or self._needs_field(group, param)
 
     def _needs_field(self, group: dict, p: Tensor) -> bool:
         """Whether this step of ``p`` evaluates the integrator's field: an augmentation step of

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,9 @@ class GradientRecorder:
         self._hook_modules([m for m in model.modules() if _recordable(m) is not None])
 
     def _hook_modules(self, modules: List[nn.Module]) -> None:
+        #: ``wants(param) -> bool``, optional: whether to record for ``param`` in a forward pass
+        #: (the optimizer that reads the records sets it; None records every hooked layer).
+        self.wants: Optional[Callable[[Tensor], bool]] = None
         self._records: Dict[int, List[Tuple[Tensor, Tensor]]] = {}
         self._modules = modules
         self._params: Dict[int, Tensor] = {}
@@ -138,6 +141,8 @@ class GradientRecorder:
     def _record(self, module: nn.Module, inputs, output) -> None:
         param = _recordable(module)
         if param is None or not (torch.is_grad_enabled() and param.requires_grad):
+            return
+        if self.wants is not None and not self.wants(param):
             return
         if not (isinstance(output, Tensor) and output.requires_grad):
             return
