@@ -1,0 +1,160 @@
+"""The factorisations of a batched step against cheaper alternatives: speed and accuracy.
+
+    python benchmarks/bench_kernels.py           # 48 x (256 x 32) QRs and 48 x (32 x 32) SVDs, 1 thread
+    python benchmarks/bench_kernels.py --quick   # seconds, a crash test, no result
+
+What a step of the optimizer family factorises per shape group: the augmentation's QR of
+``[U, GV]`` (``m x 2r``, ``U`` orthonormal) and the truncation's SVD of the ``2r x 2r`` core.
+Candidates:
+
+* QR: Householder of ``[U, GV]`` (``torch.linalg.qr``, what the library uses); Householder of
+  ``W = (I - UU^T) GV`` alone, re-orthogonalised once against ``U`` (two passes of block
+  Gram-Schmidt: a QR of half the width, a quarter of the flops); CholeskyQR2 with a float64
+  Gram (``W = (I - UU^T) GV``; ``R = chol(W^T W)``, ``Q = W R^{-1}``, twice); shifted
+  CholeskyQR3 (a first pass on ``W^T W + s I`` with ``s = 11 (m n + n (n + 1)) eps ||W||^2``,
+  then CholeskyQR2). Accuracy: ``||Q^T Q - I||`` and ``||U^T Q||`` (orthogonality to ``U``), on
+  a well-conditioned ``GV``, on one of condition number 1e6, and on a rank-deficient one (half
+  its columns zero, as at an active rank below the capacity: the Householder QR completes
+  them with orthonormal directions, the Cholesky variants cannot), and on a zero ``GV`` at an
+  axis-aligned ``U`` (first columns of the identity), where the QR of ``W`` alone completes
+  with directions inside the span of ``U``, and re-orthogonalising cannot recover.
+* SVD of the core: ``torch.linalg.svd``; ``eigh`` of ``S^T S`` (singular values as square
+  roots: relative accuracy lost below ``sqrt(eps) sigma_max``).
+
+Times: medians of interleaved rounds (``_timing.compare``), float32 and float64.
+Results: ``benchmarks/results/kernels.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _timing  # noqa: E402
+
+_timing.set_threads_env(1)
+
+import torch  # noqa: E402
+
+
+def _mT(a):
+    return a.transpose(-2, -1)
+
+
+def _chol_pass(w, shift=0.0):
+    gram = (_mT(w) @ w).double()
+    if shift:
+        gram = gram + shift * torch.eye(gram.shape[-1], dtype=gram.dtype)
+    r = torch.linalg.cholesky(gram, upper=True)
+    q = torch.linalg.solve_triangular(r, w.double(), upper=True, left=False).to(w.dtype)
+    return q, r
+
+
+def cholesky_qr2(w):
+    q, r1 = _chol_pass(w)
+    q, r2 = _chol_pass(q)
+    return q, (r2 @ r1).to(w.dtype)
+
+
+def shifted_cholesky_qr3(w):
+    m, n = w.shape[-2:]
+    eps = torch.finfo(w.dtype).eps
+    norm2 = torch.linalg.matrix_norm(w, ord=2).amax().double() ** 2
+    q, r0 = _chol_pass(w, float(11 * (m * n + n * (n + 1)) * eps * norm2))
+    q, r = cholesky_qr2(q)
+    return q, (r.double() @ r0).to(w.dtype)
+
+
+def bcgs2(u, w):
+    """The QR of ``W`` alone, re-orthogonalised against ``U`` once (block Gram-Schmidt, two passes)."""
+    q = torch.linalg.qr(w)[0]
+    return torch.linalg.qr(q - u @ (_mT(u) @ q))[0]
+
+
+def _inputs(L, m, r, dtype, kind, gen):
+    u = torch.linalg.qr(torch.randn(L, m, r, generator=gen, dtype=torch.float64))[0]
+    gv = torch.randn(L, m, r, generator=gen, dtype=torch.float64)
+    if kind == "zero, U = identity columns":  # a zero gradient at an axis-aligned point
+        u = torch.eye(m, dtype=torch.float64)[:, :r].expand(L, m, r)
+        gv = torch.zeros(L, m, r, dtype=torch.float64)
+    if kind == "ill-conditioned":
+        gv = gv @ torch.diag(torch.logspace(0, -6, r, dtype=torch.float64))
+    elif kind == "rank-deficient":
+        gv[..., r // 2:] = 0
+    w = gv - u @ (_mT(u) @ gv)
+    return u.to(dtype), gv.to(dtype), w.to(dtype)
+
+
+def _accuracy(name, u, gv, w):
+    if name == "Householder [U, GV]":
+        q = torch.linalg.qr(torch.cat([u, gv], -1))[0][..., u.shape[-1]:]
+    elif name == "Householder W, two passes":
+        q = bcgs2(u, w)
+    else:
+        try:
+            q = (cholesky_qr2 if name == "CholeskyQR2" else shifted_cholesky_qr3)(w)[0]
+        except torch.linalg.LinAlgError:
+            return "fails (not positive definite)", "-"
+    if not torch.isfinite(q).all():
+        return "non-finite", "-"
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    orth = float((_mT(q) @ q - eye).abs().amax())
+    perp = float((_mT(u) @ q).abs().amax())
+    return f"{orth:.1e}", f"{perp:.1e}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args(argv)
+    _timing.apply_threads(1)
+    L, m, r = (4, 24, 4) if args.quick else (48, 256, 16)
+    budget = 0.2 if args.quick else 4.0
+    gen = torch.Generator().manual_seed(0)
+    lines = [f"# Factorisations of a batched step: {L} x QR of {m} x {2 * r}, {L} x SVD of {2 * r} x {2 * r}, "
+             "one thread", "", "Generated by `python benchmarks/bench_kernels.py`. Times: medians of interleaved "
+             f"rounds. Load average {_timing.loadavg()}.", ""]
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        u, gv, w = _inputs(L, m, r, dtype, "random", gen)
+        core = torch.randn(L, 2 * r, 2 * r, generator=gen, dtype=dtype)
+        fns = {
+            "Householder [U, GV]": lambda: torch.linalg.qr(torch.cat([u, gv], -1)),
+            "Householder W alone": lambda: torch.linalg.qr(w),
+            "Householder W, two passes": lambda: bcgs2(u, w),
+            "CholeskyQR2": lambda: cholesky_qr2(w),
+            "shifted CholeskyQR3": lambda: shifted_cholesky_qr3(w),
+            "SVD of the core": lambda: torch.linalg.svd(core),
+            "eigh of S^T S": lambda: torch.linalg.eigh(_mT(core) @ core),
+        }
+        res = _timing.compare(fns, budget_s=budget)
+        for name in fns:
+            rows.append(dict(dtype=str(dtype).split(".")[-1], name=name, ms=res["median_s"][name] * 1e3,
+                             ratio=res["paired_ratio"][name]))
+    lines += ["| dtype | kernel | ms | / Householder [U, GV] |", "|---|---|---:|---:|"]
+    lines += [f"| {row['dtype']} | {row['name']} | {row['ms']:.3f} | {row['ratio']:.2f} |" for row in rows]
+    lines += ["", "Orthogonality `max |Q^T Q - I|` and `max |U^T Q|` of the new directions:", "",
+              "| dtype | GV | method | Q^T Q - I | U^T Q |", "|---|---|---|---:|---:|"]
+    accuracy = []
+    for dtype in (torch.float32, torch.float64):
+        for kind in ("random", "ill-conditioned", "rank-deficient", "zero, U = identity columns"):
+            u, gv, w = _inputs(L, m, r, dtype, kind, gen)
+            for name in ("Householder [U, GV]", "Householder W, two passes", "CholeskyQR2", "shifted CholeskyQR3"):
+                orth, perp = _accuracy(name, u, gv, w)
+                accuracy.append(dict(dtype=str(dtype).split(".")[-1], kind=kind, name=name, orth=orth, perp=perp))
+                lines.append(f"| {accuracy[-1]['dtype']} | {kind} | {name} | {orth} | {perp} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if not args.quick:
+        os.makedirs(args.out, exist_ok=True)
+        _timing.write_json(os.path.join(args.out, "kernels.json"),
+                           dict(rows=rows, accuracy=accuracy, machine=_timing.machine_info(1), shape=[L, m, r]))
+        with open(os.path.join(args.out, "kernels.md"), "w") as fh:
+            fh.write(md)
+
+
+if __name__ == "__main__":
+    main()
