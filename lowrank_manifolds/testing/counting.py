@@ -80,6 +80,7 @@ class OpCounter(TorchDispatchMode):
         self.ops = self.kernels = self.reads = 0
         self.by_name: Counter[str] = collections.Counter()
         self._saved: Optional[dict] = None
+        self._inside = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -109,9 +110,15 @@ class OpCounter(TorchDispatchMode):
 
     def _counted(self, name: str, method):
         def counted(tensor, *args, **kwargs):
+            if self._inside:  # a torch function mode (the default device, ...) calls the method again
+                return method(tensor, *args, **kwargs)
             self.reads += 1
             self.by_name[name] += 1
-            return method(tensor, *args, **kwargs)
+            self._inside = True
+            try:
+                return method(tensor, *args, **kwargs)
+            finally:
+                self._inside = False
 
         counted.__doc__ = method.__doc__
         return counted
