@@ -27,7 +27,7 @@ except :meth:`FixedRankManifold.to_dense` and
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import torch
 from geoopt import ManifoldTensor
@@ -42,6 +42,20 @@ from .truncation import Truncation
 __all__ = ["FixedRankManifold"]
 
 Ambient = Union[Tensor, Tuple[Tensor, Tensor]]
+
+
+class GradientProducts(NamedTuple):
+    r"""What a step needs of the Euclidean gradient :math:`G` at :math:`X = USV^\top`, from
+    autograd's gradient on the packed factors (:meth:`FixedRankManifold.gradient_products`):
+    the factors, :math:`dS = U^\top G V` and the products :math:`GV`, :math:`G^\top U`
+    (``m x R``, ``n x R``; never :math:`G` itself)."""
+
+    u: Tensor
+    s: Tensor
+    v: Tensor
+    ds: Tensor
+    gv: Tensor
+    gtu: Tensor
 
 
 class FixedRankManifold(Manifold):
@@ -415,7 +429,8 @@ class FixedRankManifold(Manifold):
         .. math:: M = dS,\quad U_p = (I - UU^\top)\, dU\, S^{-\top},\quad
                   V_p = (I - VV^\top)\, dV\, S^{-1}.
 
-        When ``S`` is diagonal (as after every retraction) :math:`S^{-1}` is a column
+        computed as :math:`(I - UU^\top)(dU\, S^{-\top})` from :meth:`gradient_products`:
+        when ``S`` is diagonal (as after every retraction) :math:`S^{-1}` is a column
         scaling, exact to rounding; for a general ``S`` the inverse comes from its float64
         SVD (:func:`~lowrank_manifolds._linalg.svd_core`).
 
@@ -446,19 +461,36 @@ class FixedRankManifold(Manifold):
                 "with respect to the packed factors [U; S; V] must be finite (check the loss, "
                 "the learning rate, or skip the step as torch.amp.GradScaler does)"
             )
-        ux, s, vx = self.unpack(x)
-        du, ds, dv = self.unpack(u)
-        up = du - tmm(ux, mT(ux) @ du)  # (I - UU^T) dU
-        vp = dv - tmm(vx, mT(vx) @ dv)  # (I - VV^T) dV
+        ux, _, vx, ds, gv, gtu = self.gradient_products(x, u)
+        up = gv - tmm(ux, mT(ux) @ gv)  # (I - UU^T) G V
+        vp = gtu - tmm(vx, mT(vx) @ gtu)  # (I - VV^T) G^T U
+        return self._mask_tangent(ux, up, ds, vp)
+
+    def gradient_products(self, x: Tensor, grad: Tensor) -> GradientProducts:
+        r"""The products :math:`GV = dU\, S^{+\top}` and :math:`G^\top U = dV S^{+}` from
+        autograd's gradient ``grad`` on the packed point ``x`` (:math:`dU = G V S^\top`,
+        :math:`dV = G^\top U S`), with ``x``'s factors and :math:`dS`: a
+        :class:`GradientProducts`. What every Riemannian
+        gradient of this manifold is made of (:meth:`egrad2rgrad`, the optimizers' steps):
+        :math:`P_X G = U\, dS\, V^\top + (I - UU^\top) GV V^\top + U (G^\top U)^\top (I - VV^\top)`.
+
+        :math:`S^+` is the pseudo-inverse with singular values :math:`\le R\,\epsilon\,
+        \sigma_{\max}(S)` treated as zero (:meth:`pinv_rtol`; :meth:`egrad2rgrad`'s docstring
+        says why), so the inactive block of a capacity point (zero) and an exactly zero singular
+        value give zero columns instead of a singular solve. When ``S`` is diagonal (as after
+        every retraction) it is a column scaling, exact to rounding; the test is made on the CPU
+        only, where it costs no synchronisation; elsewhere, and for a general ``S``, the
+        float64 SVD of the ``R x R`` core gives it. ``x`` and ``grad`` are not checked (a
+        step checks them once)."""
+        ux, s, vx = self.unpack(x, check=False)
+        du, ds, dv = self.unpack(grad, check=False)
         rtol = self.pinv_rtol(s.dtype)
         if is_diagonal(s):
-            # Every retraction returns a diagonal S: then S^+ is a column scaling, which
-            # saves a third of the flops (two m x r x r products of six).
+            # a column scaling: a third of the flops of the general products
             d = safe_reciprocal(torch.diagonal(s, dim1=-2, dim2=-1), rtol).unsqueeze(-2)
-            return self._mask_tangent(ux, up * d, ds, vp * d)
-        # A general S: the r x r pseudo-inverse (float64 SVD) and two products.
+            return GradientProducts(ux, s, vx, ds, du * d, dv * d)
         s_inv = pinv_core(s, rtol)
-        return self._mask_tangent(ux, tmm(up, mT(s_inv)), ds, tmm(vp, s_inv))
+        return GradientProducts(ux, s, vx, ds, tmm(du, mT(s_inv)), tmm(dv, s_inv))
 
     def pinv_rtol(self, dtype: torch.dtype) -> float:
         """Relative threshold ``R eps`` below which singular values of ``S`` count as zero

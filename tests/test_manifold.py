@@ -94,6 +94,32 @@ def test_projection_properties(case, seed):
     assert abs(mf.inner(x, p1, p2) - (d1 * dense_tangent(x, p2, m, r)).sum()) < 1e-10 * scale**2
 
 
+@given(manifolds_and_points(), seeds, st.booleans())
+def test_gradient_products_are_gv_and_gtu(case, seed, rotate):
+    """gradient_products recovers G V and G^T U from autograd's gradient on [U; S; V] (for a
+    diagonal S, the column scaling, and for a general one, the pseudo-inverse), and
+    egrad2rgrad built on them is the dense projection of G."""
+    mf, x = case
+    if rotate:  # the same matrix with a general S: U Q, Q^T S R, R^T V for orthogonal Q, R
+        u, s, v = mf.unpack(x)
+        r = s.shape[-1]
+        q = torch.linalg.qr(randn((r, r), seed + 3))[0]
+        w = torch.linalg.qr(randn((r, r), seed + 4))[0]
+        x = mf.pack(u @ q, q.T @ s @ w, v @ w)
+    g = randn((mf.m, mf.n), seed)
+    point = x.clone().requires_grad_(True)
+    u, s, v = mf.unpack(point)
+    (g * (u @ s @ v.T)).sum().backward()
+    parts = mf.gradient_products(x, point.grad)
+    u, s, v = (t.detach() for t in (u, s, v))
+    scale = 1 + g.norm().item() * (1 + float(torch.linalg.matrix_norm(torch.linalg.pinv(s), 2)))
+    assert (parts.gv - g @ v).abs().max() < 1e-10 * scale
+    assert (parts.gtu - g.T @ u).abs().max() < 1e-10 * scale
+    assert (parts.ds - u.T @ g @ v).abs().max() < 1e-12 * scale
+    rgrad = dense_tangent(x, mf.egrad2rgrad(x, point.grad), mf.m, mf.rank)
+    assert (rgrad - tangent_projector(x, mf.m, mf.rank)(g)).abs().max() < 1e-10 * scale
+
+
 @given(manifolds_and_points(), seeds, st.integers(1, 6))
 def test_lowrank_and_dense_ambient_agree(case, seed, k):
     mf, x = case

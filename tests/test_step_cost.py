@@ -87,8 +87,8 @@ def test_a_step_costs_per_shape_group_not_per_weight(name, device):
     is the step's finiteness decision (the family's; for RiemannianAdam/SGD the manifold's
     check, which it makes on the CPU only), one more with recorded fields (their check against
     ``p.grad``); the others are ``torch.equal`` tests the library makes only of CPU tensors,
-    where a read costs no synchronisation (``S`` diagonal, active columns first), once per
-    shape group. On a GPU neither CPU-only test is made: the family reads once (twice with
+    where a read costs no synchronisation (``S`` diagonal, active columns first), at most
+    one of each per shape group. On a GPU neither CPU-only test is made: the family reads once (twice with
     recorded fields), RiemannianAdam/SGD not at all."""
     make, capacity = OPTIMIZERS[name]
     one, many = _count_step(make, 1, capacity, device), _count_step(make, 48, capacity, device)
@@ -96,7 +96,7 @@ def test_a_step_costs_per_shape_group_not_per_weight(name, device):
     assert many.reads == one.reads, (one.by_name, many.by_name)
     decisions = (2 if "recorded" in name else 1) if not name.startswith("Riemannian") or device.type == "cpu" else 0
     assert one.reads - one.by_name["equal"] == decisions, one.by_name
-    assert one.by_name["equal"] <= (1 if device.type == "cpu" else 0), one.by_name
+    assert one.by_name["equal"] <= (2 if device.type == "cpu" else 0), one.by_name
 
 
 @pytest.mark.parametrize("ours, stock, options", [

@@ -41,7 +41,6 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
 from .._args import deprecated, nonneg, positive_int, renamed, unit_interval, user_stacklevel
-from .._linalg import mT, pinv_core
 from ..truncation import Truncation
 from ..manifold import FixedRankManifold
 from ._faults import (
@@ -94,25 +93,6 @@ def refuse_manifold_parameters(where: str, param_group: dict, lowrank: bool) -> 
             f"would leave it: use {use} for it (a second optimizer over those parameters). "
             "Nothing was changed."
         )
-
-
-def riemannian_parts(p: Tensor, grad: Tensor, manifold: FixedRankManifold, mask: Optional[Tensor] = None):
-    r"""``(U, S, V, mask, dS, GV, GtU)`` with ``mask`` the 0/1 active columns of ``p`` (as
-    :func:`active_first` gives them; computed if not given) and ``GV``, ``GtU`` the
-    products :math:`GV`, :math:`G^\top U` recovered from autograd's ``dU = G V S^T``,
-    ``dV = G^T U S`` with the pseudo-inverse of the manifold's invertible core (``S`` itself
-    at fixed rank; with a capacity, ``S`` plus ones on the inactive diagonal), singular values
-    below the manifold's threshold treated as zero: the convention of
-    :meth:`FixedRankManifold.egrad2rgrad`, so that an exactly zero singular value gives a
-    finite step (its ``dS`` part can grow it back) instead of a singular solve. The packed
-    shapes were checked when ``p`` joined its group."""
-    u, s, v = manifold.unpack(p, check=False)
-    du, ds, dv = manifold.unpack(grad, check=False)
-    if mask is None:
-        mask = manifold.active_mask(u)
-    s_inv = pinv_core(manifold.invertible_core(u, s, mask), manifold.pinv_rtol(s.dtype))
-    gv, gtu = du @ mT(s_inv), dv @ s_inv  # dU S^{+T}, dV S^{+}
-    return u, s, v, mask, ds, gv, gtu
 
 
 def active_first(manifold: FixedRankManifold, x: Tensor, grad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

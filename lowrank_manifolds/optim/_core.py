@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .._linalg import cat_last, cat_rows, mT, qr
 from ..manifold import FixedRankManifold
-from ._base import rank_policy, riemannian_parts, truncate
+from ._base import rank_policy, truncate
 
 #: A state's embedding into augmented coordinates: ``embed(x, key)``.
 Embedding = Callable[[Tensor, str], Tensor]
@@ -114,7 +114,9 @@ def tangent_augment(p: Tensor, grad: Tensor, manifold: FixedRankManifold, mask: 
     explicitly, so no rounding-level coefficient reaches Adam's entrywise division. ``mask``:
     the active columns of ``p`` (first; computed if not given). Returns ``(U^, V^, S^_0, G^, mask, support)`` with
     ``support = (core, up, vp)``."""
-    u, s, v, mask, ds, gv, gtu = riemannian_parts(p, grad, manifold, mask)
+    u, s, v, ds, gv, gtu = manifold.gradient_products(p, grad)
+    if mask is None:
+        mask = manifold.active_mask(u)
     mask = mask > 0
     uh, cu = _augmented_basis(u, gv, mask, manifold.adaptive)
     vh, cv = _augmented_basis(v, gtu, mask, manifold.adaptive)

@@ -45,7 +45,6 @@ from ._base import (
     check_betas,
     is_lowrank_parameter,
     rank_policy,
-    riemannian_parts,
     sgd_update,
     truncation_options,
 )
@@ -555,7 +554,7 @@ class DLRT(LowRankOptimizer):
         first) and the relative residual of :math:`p.grad \approx c \nabla_{rec}` divided by
         the tolerance, one per point (> 1 means refused). See the class docstring."""
         # the tangent part from p.grad, at the static capacity R (inactive columns exactly zero)
-        u, s, v, mask, ds, gv, gtu = riemannian_parts(x, grad, manifold, mask)
+        u, s, v, ds, gv, gtu = manifold.gradient_products(x, grad)
         du, dv = manifold.unpack(grad, check=False)[::2]
         up, vp = gv - u @ ds, gtu - v @ mT(ds)
         # The K-step's new directions: Q_u, orthonormal and orthogonal to U (the QR of [U, Up],
@@ -632,13 +631,12 @@ class DLRT(LowRankOptimizer):
             self._warned = True
 
     @staticmethod
-    def _tangent_field(parts, r: int, weight_decay: float) -> TangentField:
-        r""":math:`-P_X(G + \lambda W)` from :func:`riemannian_parts`, sliced to ``r`` columns."""
-        u, s, v, _, ds, gv, gtu = parts
-        up = gv - u @ ds
-        vp = gtu - v @ mT(ds)
-        mm = ds + weight_decay * s if weight_decay else ds  # P_X(W) = U S V^T: only M
-        return TangentField(u[..., :r], v[..., :r], -up[..., :r], -mm[..., :r, :r], -vp[..., :r])
+    def _tangent_field(parts, weight_decay: float) -> TangentField:
+        r""":math:`-P_X(G + \lambda W)` from :meth:`FixedRankManifold.gradient_products`."""
+        up = parts.gv - parts.u @ parts.ds
+        vp = parts.gtu - parts.v @ mT(parts.ds)
+        mm = parts.ds + weight_decay * parts.s if weight_decay else parts.ds  # P_X(W) = U S V^T: only M
+        return TangentField(parts.u, parts.v, -up, -mm, -vp)
 
 
     def _active_first(self, members, x, grad):
@@ -690,10 +688,10 @@ class DLRT(LowRankOptimizer):
         wd = gradient_decay(group)
         field = param_field = self._fields.get(id(param))  # a recorded batch's: checked first
         if field is None:  # the tangent field from p.grad
-            parts = riemannian_parts(p, grad, manifold, mask)
+            parts = manifold.gradient_products(p, grad)
             u, s, v = parts[:3]
             self._warn_unrecorded()
-            field = self._tangent_field(parts, manifold.capacity, wd)
+            field = self._tangent_field(parts, wd)
         else:
             u, s, v = manifold.unpack(p, check=False)
         if group["core"] == "flow":  # ranks as masks: each point steps its active factors alone
