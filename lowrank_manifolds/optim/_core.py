@@ -15,14 +15,18 @@ A step of the family, for a weight :math:`X = U S V^\top` with capacity ``R``:
    kept singular vectors :math:`P_r`, :math:`Q_r`, states :math:`P_r^\top m Q_r`
    (the second moment by :func:`carry`'s rule).
 
+Steps 1-4 are pure functions of tensors, batch-first with ranks as masks: they take no
+parameter, param group or state dict (:func:`core_update` takes :class:`CoreOptions` and reads
+the old states; its results, like :func:`truncate_and_carry`'s, are returned, not written).
 The schedule (``augment_every = k``): :func:`cycle_phase` says where a step is in its cycle;
-:func:`core_cycle_step` is a step inside a cycle (bases fixed, steps 3-4 on the core alone).
+:func:`core_cycle_step` is a step inside a cycle (bases fixed, steps 3-4 on the core alone);
+it and :func:`init_state` write the (staged) state dict of the optimizer.
 Nothing here forms an ``m x n`` matrix or synchronises with the host.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +36,7 @@ from ..manifold import FixedRankManifold
 from ._base import rank_policy, truncate
 
 #: A state's embedding into augmented coordinates: ``embed(x, key)``.
-Embedding = Callable[[Tensor, str], Tensor]
+Embedding = Callable[[Tensor, str], Tensor]  # returns a new tensor (core_update writes into it)
 
 
 # ---------------------------------------------------------------------------
@@ -174,15 +178,13 @@ def carry(x: Tensor, left: Tensor, right: Tensor, key: str, squared: bool) -> Te
 
 
 def truncate_and_carry(manifold: FixedRankManifold, uh: Tensor, sh: Tensor, vh: Tensor, states: Dict[str, Tensor],
-                       state: dict, policy, squared: bool) -> Tensor:
-    """Truncate the augmented ``(U^, S^, V^)`` by ``policy`` (``(Truncation, rank)``), carry
-    ``states`` (augmented coordinates) along the kept singular vectors into ``state``; returns
-    the new packed point of ``manifold``."""
+                       policy, squared: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Truncate the augmented ``(U^, S^, V^)`` by ``policy`` (``(Truncation, rank)``) and carry
+    ``states`` (augmented coordinates) along the kept singular vectors: the new packed point
+    of ``manifold`` and the carried states."""
     u1, s1, v1, p_r, q_r = truncate(uh, sh, vh, *policy)
     left = mT(p_r)
-    for key, x in states.items():
-        state[key] = carry(x, left, q_r, key, squared)
-    return manifold.pad(u1, s1, v1)
+    return manifold.pad(u1, s1, v1), {key: carry(x, left, q_r, key, squared) for key, x in states.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -213,13 +215,43 @@ def init_state(state: dict, group: dict, p: Tensor) -> None:
         state["exp_avg_sq_perp"] = p.new_zeros(*p.shape[:-2], 2)
 
 
-def core_update(s0: Tensor, g: Tensor, group: dict, state: dict, embedding: Embedding,
-                support: Optional[Tensor] = None, perp=None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    r"""One step of the group's core optimizer on the coefficients, the same for every basis:
-    from the point :math:`\hat S_0` and the gradient coefficients :math:`\hat G` (L2 decay
-    included, :func:`gradient_decay`) in augmented coordinates, and the old states written in
-    them by ``embedding``, returns :math:`\hat S` and the new states (augmented coordinates,
-    not yet truncated)::
+class CoreOptions(NamedTuple):
+    """The hyperparameters of a core optimizer (:func:`core_options` reads them from a group)."""
+
+    kind: str  # "flow", "momentum" or "adam"
+    lr: float
+    weight_decay: float
+    decoupled: bool  # the decay scales the core (AdamW) instead of entering the gradient
+    momentum: float
+    dampening: float
+    nesterov: bool
+    betas: Tuple[float, float]
+    eps: float
+
+
+def core_options(group: dict) -> CoreOptions:
+    """The core optimizer's hyperparameters of a param group."""
+    return CoreOptions(group["core"], group["lr"], group["weight_decay"], group["decoupled_weight_decay"],
+                       group["momentum"], group["dampening"], group["nesterov"], tuple(group["betas"]), group["eps"])
+
+
+class CoreStep(NamedTuple):
+    """What :func:`core_update` computes: the new core, the new coefficient states (augmented
+    coordinates, to be truncated and transported with the core) and the new counters (the
+    step count and the scalar second moments, which no change of coordinates touches)."""
+
+    s: Tensor
+    moments: Dict[str, Tensor]
+    counters: Dict[str, Any]
+
+
+def core_update(s0: Tensor, g: Tensor, options: CoreOptions, states: Mapping[str, Any], embedding: Embedding,
+                support: Optional[Tensor] = None, perp=None) -> CoreStep:
+    r"""One step of a core optimizer on the coefficients, the same for every basis: from the
+    point :math:`\hat S_0` and the gradient coefficients :math:`\hat G` (L2 decay included,
+    :func:`gradient_decay`) in augmented coordinates, and the old ``states`` (read only)
+    written in them by ``embedding``, returns :math:`\hat S`, the new moments (augmented
+    coordinates, not yet truncated) and counters (a :class:`CoreStep`)::
 
         decoupled decay:  S^_0 <- (1 - lr wd) S^_0                   (AdamW; momentum/adam cores)
         flow:             S^ = S^_0 - lr G^
@@ -232,30 +264,29 @@ def core_update(s0: Tensor, g: Tensor, group: dict, state: dict, embedding: Embe
     or the active core inside a cycle); outside it the direction is set to exactly zero (also
     ``0 / 0`` at ``eps = 0``). ``perp = (mask, core, up, vp)``: ``perp_second_moment="scalar"``
     (:class:`~lowrank_manifolds.optim.GeometricAdam`): one scalar second moment for each of the
-    basis-rotation blocks ``up``, ``vp``, updated in ``state`` here."""
-    lr, wd = group["lr"], group["weight_decay"]
-    kind = group["core"]
-    if wd and group["decoupled_weight_decay"] and kind != "flow":
+    basis-rotation blocks ``up``, ``vp`` (the counter ``exp_avg_sq_perp``)."""
+    lr, wd, kind = options.lr, options.weight_decay, options.kind
+    if wd and options.decoupled and kind != "flow":
         s0 = s0 * (1 - lr * wd)
-    mom = group["momentum"]
+    mom = options.momentum
     if kind == "flow" or (kind == "momentum" and not mom):
-        return s0 - lr * g, {}
+        return CoreStep(s0 - lr * g, {}, {})
     if kind == "momentum":
-        buf = state.get("momentum_buffer")
+        buf = states.get("momentum_buffer")
         if buf is None:
             buf = g.clone()
         else:
-            buf = embedding(buf, "momentum_buffer").mul_(mom).add_(g, alpha=1 - group["dampening"])
+            buf = embedding(buf, "momentum_buffer").mul_(mom).add_(g, alpha=1 - options.dampening)
         if support is not None:  # the embedded buffer is rounding-level off the support: exactly zero
             buf = torch.where(support, buf, 0.0)
-        direction = g + mom * buf if group["nesterov"] else buf
-        return s0 - lr * direction, {"momentum_buffer": buf}
-    b1, b2 = group["betas"]
-    eps = group["eps"]
-    state["step"] += 1
-    step = state["step"]
-    m1 = embedding(state["exp_avg"], "exp_avg").lerp_(g, 1 - b1)
-    m2 = embedding(state["exp_avg_sq"], "exp_avg_sq").mul_(b2).addcmul_(g, g, value=1 - b2)
+        direction = g + mom * buf if options.nesterov else buf
+        return CoreStep(s0 - lr * direction, {"momentum_buffer": buf}, {})
+    b1, b2 = options.betas
+    eps = options.eps
+    step = states["step"] + 1
+    counters: Dict[str, Any] = {"step": step}
+    m1 = embedding(states["exp_avg"], "exp_avg").lerp_(g, 1 - b1)
+    m2 = embedding(states["exp_avg_sq"], "exp_avg_sq").mul_(b2).addcmul_(g, g, value=1 - b2)
     c2 = math.sqrt(1 - b2**step)
     if perp is None:  # the paper's entrywise second moment in all blocks
         denom = (m2.sqrt() / c2).add_(eps)
@@ -269,13 +300,12 @@ def core_update(s0: Tensor, g: Tensor, group: dict, state: dict, embedding: Embe
         count = mask.sum(-1).clamp(min=1).to(g.dtype).square()
         sq = g.square()
         ms = torch.stack([(sq * up).sum((-2, -1)), (sq * vp).sum((-2, -1))], -1) / count.unsqueeze(-1)
-        v_perp = state["exp_avg_sq_perp"]
-        v_perp.mul_(b2).add_(ms, alpha=1 - b2)
+        v_perp = counters["exp_avg_sq_perp"] = states["exp_avg_sq_perp"] * b2 + (1 - b2) * ms
         rms_perp = (v_perp.sqrt() / c2 + eps).unsqueeze(-1).unsqueeze(-1)
         denom = torch.where(up, rms_perp[..., 0, :, :], rms_perp[..., 1, :, :])
         denom = torch.where(core, m2.sqrt() / c2 + eps, denom)
     direction = m1 / denom if support is None else torch.where(support, m1 / denom, 0.0)
-    return s0 - (lr / (1 - b1**step)) * direction, {"exp_avg": m1, "exp_avg_sq": m2}
+    return CoreStep(s0 - (lr / (1 - b1**step)) * direction, {"exp_avg": m1, "exp_avg_sq": m2}, counters)
 
 
 # ---------------------------------------------------------------------------
@@ -306,9 +336,12 @@ def core_cycle_step(p: Tensor, grad: Tensor, group: dict, state: dict, last: boo
     wd = gradient_decay(group)
     g = manifold.unpack(grad, check=False)[1]
     g = torch.where(block, g + wd * s if wd else g, 0.0)
-    s_new, states = core_update(s, g, group, state, lambda x, key: x, support=block)
+    s_new, moments, counters = core_update(s, g, core_options(group), state, lambda x, key: x.clone(), support=block)
+    state.update(counters)
     if not last:
-        state.update(states)
+        state.update(moments)
         return cat_rows(u, s_new, v)
-    return truncate_and_carry(manifold, u, s_new, v, states, state, rank_policy(group, block.any(-1), manifold),
-                              group["m2_transport"] == "squared")
+    point, carried = truncate_and_carry(manifold, u, s_new, v, moments, rank_policy(group, block.any(-1), manifold),
+                                        group["m2_transport"] == "squared")
+    state.update(carried)
+    return point

@@ -50,6 +50,7 @@ from ._base import (
 )
 from ._core import (
     core_cycle_step,
+    core_options,
     core_update,
     cycle_phase,
     embed,
@@ -665,7 +666,9 @@ class DLRT(LowRankOptimizer):
         manifold = p.manifold
         # a cycle's first step keeps every direction the capacity holds: truncated at its end
         policy = rank_policy(group, mask, manifold) if k == 1 else (capacity_policy(manifold), None)
-        return truncate_and_carry(manifold, uh, sh, vh, states, state, policy, group["m2_transport"] == "squared")
+        point, carried = truncate_and_carry(manifold, uh, sh, vh, states, policy, group["m2_transport"] == "squared")
+        state.update(carried)
+        return point
 
     @staticmethod
     def _tangent_update(p, grad, group, state, mask):
@@ -677,8 +680,10 @@ class DLRT(LowRankOptimizer):
             gh = gh + wd * s0
         k_u, k_v = gh.shape[-2:]
         perp = (mask, core, up, vp) if group["perp_second_moment"] == "scalar" else None
-        sh, states = core_update(s0, gh, group, state, lambda x, key: embed(x, k_u, k_v), core | up | vp, perp)
-        return uh, sh, vh, states, mask
+        sh, moments, counters = core_update(s0, gh, core_options(group), state, lambda x, key: embed(x, k_u, k_v),
+                                            core | up | vp, perp)
+        state.update(counters)
+        return uh, sh, vh, moments, mask
 
     def _integrator_update(self, p, grad, group, state, mask, param):
         """One step of abc-PSI or augmented BUG on the weight's field: its own S-step
@@ -705,5 +710,6 @@ class DLRT(LowRankOptimizer):
         def embedding(x, key):  # a state of the old bases in U^, V^: the old directions first
             return embed(x, k_u, k_v)
 
-        sh, states = core_update(s0, g, group, state, embedding, support)
-        return uh, sh, vh, states, mask
+        sh, moments, counters = core_update(s0, g, core_options(group), state, embedding, support)
+        state.update(counters)
+        return uh, sh, vh, moments, mask
