@@ -110,3 +110,18 @@ def test_geoopts_own_step_is_per_weight(ours, stock, options):
         ref = _count_step(lambda ps: stock(ps, **options), 48)
     mine = _count_step(lambda ps: ours(ps, **options), 48)
     assert ref.kernels > 15 * mine.kernels and ref.reads >= 48 > mine.reads, (ref.kernels, mine.kernels, ref.reads)
+
+
+def test_geoopts_step_on_our_manifold_reads_nothing_a_gpu_would_wait_for():
+    """With the manifold's finiteness check off (its default off the CPU), a stock geoopt step
+    reads only the CPU-only diagonal tests: on a GPU, nothing."""
+    def make(ps):
+        ps = list(ps)
+        for p in ps:
+            p.manifold.check_finite = False
+        return geoopt.optim.RiemannianAdam(ps, lr=1e-3)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        count = _count_step(make, 8)
+    assert count.reads == count.by_name["equal"] == 8, count.by_name
