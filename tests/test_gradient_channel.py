@@ -81,6 +81,27 @@ def test_recorded_layers_of_one_shape_step_as_one_batch_against_the_dense_refere
         assert torch.allclose(layer.dense_weight().detach(), ref, atol=1e-12, rtol=0)
 
 
+def test_a_batch_of_recorded_weights_copies_at_most_pair_stack_bytes_of_pairs():
+    """Stacking the recorded pairs copies them: a shape group is split into batches of at most
+    pair_stack_bytes of pairs (here one weight's pair: per weight), with the same step."""
+    from lowrank_manifolds.testing import OpCounter
+
+    runs = []
+    for limit in (DLRT.pair_stack_bytes, 1):
+        layers = [problem(seed, shape=(9, 7, rank, 5))[0] for seed, rank in zip((0, 1, 2), (1, 2, 4))]
+        data = [problem(seed, shape=(9, 7, 2, 5))[1:] for seed in (0, 1, 2)]
+        opt = DLRT([layer.weight for layer in layers], lr=0.5, tol=0.05, model=nn.ModuleList(layers))
+        opt.pair_stack_bytes = limit
+        sum(loss_of(layer, x, y) for layer, (x, y) in zip(layers, data)).backward()
+        with OpCounter() as count:
+            opt.step()
+        runs.append((count.by_name["linalg_qr"], [layer.weight.detach().clone() for layer in layers]))
+    (qr_batched, batched), (qr_alone, alone) = runs
+    assert qr_alone == 3 * qr_batched  # one batch of three, then three batches of one
+    for a, b in zip(batched, alone):
+        assert (a - b).abs().max() < 1e-12
+
+
 def test_grad_scaler_unscales_and_skips_infs():
     layer, x, y = problem(1)
     ref = dense_reference(layer, x, y, 1.0, "abc-psi", 0.3, 0.1)

@@ -314,9 +314,14 @@ class DLRT(LowRankOptimizer):
         layout together, as one batch (one QR, SVD, ... call per shape group instead of
         per weight; each weight keeps its own active rank, as a mask; recorded weights batch
         with those whose recorded pairs have their shape, and their fields are built and
-        checked on the stacked pairs); ``False`` steps them one by one (the reference). The
-        results agree to rounding.
+        checked on the stacked pairs, at most :attr:`pair_stack_bytes` of pairs per batch);
+        ``False`` steps them one by one (the reference). The results agree to rounding.
     """
+
+    #: The most bytes of recorded pairs ``(x, dY)`` one batch of recorded weights copies when
+    #: it stacks them (64 MiB): larger shape groups are stepped in several batches, so that
+    #: the step's memory stays within the recorded activations plus this.
+    pair_stack_bytes: int = 64 * 2**20
 
     def __init__(
         self,
@@ -454,6 +459,19 @@ class DLRT(LowRankOptimizer):
     def _batch_key(self, p: Tensor) -> tuple:
         pair = self._pairs.get(id(p))  # recorded weights batch with those of pairs of one shape
         return super()._batch_key(p) + ((None,) if pair is None else tuple((t.shape, t.dtype) for t in pair))
+
+    def _shape_groups(self, group: dict, params: list) -> list:
+        # A batch of recorded weights stacks their pairs (x, dY): a copy of the recorded
+        # activations. It is split so that no batch copies more than pair_stack_bytes.
+        out = []
+        for members in super()._shape_groups(group, params):
+            pair = self._pairs.get(id(members[0]))
+            if pair is None or len(members) == 1:
+                out.append(members)
+                continue
+            size = max(1, self.pair_stack_bytes // sum(t.numel() * t.element_size() for t in pair))
+            out += [members[i:i + size] for i in range(0, len(members), size)]
+        return out
 
     def _euclidean_step(self, params, grads, states, group):
         foreach = group["foreach"]
