@@ -65,6 +65,17 @@ def make_sync(device: str) -> Callable[[], None]:
     return lambda: None
 
 
+def use_device(device: str) -> Callable[[], None]:
+    """Make ``device`` torch's default device (every tensor a script creates lands there; left
+    alone for the CPU, since the default device is a mode that every torch call passes
+    through) and return its :func:`make_sync`."""
+    if device != "cpu":
+        import torch
+
+        torch.set_default_device(device)
+    return make_sync(device)
+
+
 def _time_once(fn: Callable[[], object], number: int, sync: Callable[[], None]) -> float:
     sync()
     t0 = time.perf_counter()

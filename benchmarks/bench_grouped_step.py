@@ -119,9 +119,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
     _timing.apply_threads(1)
-    if args.device != "cpu":  # (the default device is a mode that every torch call passes through)
-        torch.set_default_device(args.device)
-    sync = _timing.make_sync(args.device)
+    sync = _timing.use_device(args.device)
     L, (m, n, r) = (4, (24, 24, 4)) if args.quick else (args.layers, (256, 256, 16))  # square: a stack
     budget = 0.2 if args.quick else args.budget
     x = torch.randn(32, n)

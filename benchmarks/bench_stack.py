@@ -158,9 +158,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
     _timing.apply_threads(1)
-    if args.device != "cpu":  # (the default device is a mode that every torch call passes through)
-        torch.set_default_device(args.device)
-    sync = _timing.make_sync(args.device)
+    sync = _timing.use_device(args.device)
     import warnings
     warnings.filterwarnings("ignore", category=RuntimeWarning, message="DLRT: no recorded")
     d, blocks, r = (32, 2, 4) if args.quick else (args.width, args.blocks, args.rank)

@@ -224,7 +224,17 @@ def test_projx_returns_the_input_matrix_as_a_point(m, n, data, seed, kind, adapt
     assert (mf.to_dense(y) - a).abs().max() <= 1e-10 * scale  # within the capacity: the matrix itself
     uy, sy, vy = mf.unpack(y)
     if adaptive:
-        assert int(mf.active_rank(y)) == k
+        # A singular value near the numerical-zero threshold (cap * eps * s_1) is rounding: the
+        # factored SVD and the dense one may decide it either way (a repeated column gives
+        # 5.8e-17 against a threshold of 3.4e-16, which projx kept). Every value 100x clear of
+        # the threshold is decided as the dense reference decides it.
+        sv = torch.linalg.svdvals(a)
+        threshold = cap * torch.finfo(F64).eps * sv[0]
+
+        def ranks(t):
+            return min(max(int((sv > t).sum()) if sv[0] > 0 else 0, min_rank), cap)
+
+        assert ranks(100 * threshold) <= int(mf.active_rank(y)) <= ranks(threshold / 100), (sv, k)
     eye = torch.diag_embed(mf.active_mask(uy))
     assert (uy.T @ uy - eye).abs().max() < 1e-12 and (vy.T @ vy - eye).abs().max() < 1e-12
     assert (mf.to_dense(mf.projx(y)) - mf.to_dense(y)).abs().max() <= 1e-10 * scale  # idempotent

@@ -81,8 +81,12 @@ def _max_abs(tensors: Sequence[Tensor]) -> List[float]:
             lists.setdefault((t.device, t.dtype), []).append(k)
     for (device, _), indices in lists.items():
         group = [tensors[k] for k in indices]
-        norms = [max_abs(t) for t in group] if device.type == "cpu" else torch._foreach_norm(group, math.inf)
-        for k, value in zip(indices, torch.stack(norms).tolist()):  # host sync per list
+        if device.type == "cpu":  # one min-max reduction per tensor, then one maximum for all
+            lows, highs = zip(*(torch.aminmax(t) for t in group))
+            norms = torch.maximum(torch.stack(highs), torch.stack(lows).neg())
+        else:
+            norms = torch.stack(torch._foreach_norm(group, math.inf))
+        for k, value in zip(indices, norms.tolist()):  # host sync per list
             out[k] = value
     return out
 

@@ -314,8 +314,10 @@ class DLRT(LowRankOptimizer):
         layout together, as one batch (one QR, SVD, ... call per shape group instead of
         per weight; each weight keeps its own active rank, as a mask; recorded weights batch
         with those whose recorded pairs have their shape, and their fields are built and
-        checked on the stacked pairs, at most :attr:`pair_stack_bytes` of pairs per batch);
-        ``False`` steps them one by one (the reference). The results agree to rounding.
+        checked on the stacked pairs, at most :attr:`pair_stack_bytes` of pairs per batch),
+        and the ordinary parameters with torch's multi-tensor SGD/Adam (on the CPU too,
+        where torch's own default is its per-parameter loop); ``False`` steps them one by one
+        (the reference). The results agree to rounding.
     """
 
     #: The most bytes of recorded pairs ``(x, dY)`` one batch of recorded weights copies when
@@ -475,8 +477,12 @@ class DLRT(LowRankOptimizer):
 
     def _euclidean_step(self, params, grads, states, group):
         foreach = group["foreach"]
-        if foreach is None:  # torch.optim's own default (multi-tensor on CUDA), so the step is torch's
-            foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
+        if foreach is None:
+            # torch.optim's own rule (multi-tensor on CUDA), and multi-tensor on the CPU too:
+            # torch's foreach Adam over 48 parameters of 128 or 1024 entries took 0.61 and 0.67 ms
+            # there against 1.05 and 1.11 ms for its per-parameter loop (one thread)
+            foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1] or all(
+                type(p) in (Tensor, nn.Parameter) and p.device.type == "cpu" for p in params)
         lr = self._euclidean_lr(group)
         if group["euclidean"] == "sgd":
             sgd_update(params, grads, states, lr, group["momentum"], group["dampening"], group["nesterov"],

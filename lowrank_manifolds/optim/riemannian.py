@@ -8,14 +8,16 @@ parameters and calls the manifold once per weight (about 150 aten ops, each a ke
 on a GPU, per weight and step); here the weights of one shape group (shape, dtype, device,
 manifold configuration, state layout and step count) are stacked and the manifold's
 ``egrad2rgrad``, ``component_inner`` and ``retr_transp`` run once on the batch, then every
-weight and state is written back with one multi-tensor copy. Parameters of any other
+weight and state is written back with one multi-tensor copy. Plain tensors (geoopt's default
+Euclidean manifold: biases, norms, dense layers) are stepped with multi-tensor ops, geoopt's
+arithmetic in its order, a list per device, dtype and step count. Parameters of any other
 manifold, and every parameter with ``foreach=False``, go through geoopt's own code.
 
 The arithmetic is geoopt's, in its order, including its conventions: Adam's second moment
 is ``component_inner(x, rgrad)`` accumulated without transport, SGD's first momentum buffer
 is the Euclidean gradient before ``egrad2rgrad`` (``momentum * G + (1 - dampening) rgrad``
-after the first step). Two deliberate differences on the batched weights: ``p.grad`` is left
-as it is (geoopt adds the weight decay into it), and a step is taken whole or not at all
+after the first step). Two deliberate differences on the parameters stepped here: ``p.grad``
+is left as it is (geoopt adds the weight decay into it), and a step is taken whole or not at all
 (every batched weight is computed before any is written, so a gradient that
 ``egrad2rgrad`` refuses leaves them all untouched).
 """
@@ -60,6 +62,23 @@ class _ShapeGroups:
             batches.setdefault(key, []).append(p)
         return list(batches.values())
 
+    @staticmethod
+    def _plain(group: dict) -> list:
+        """The plain tensors of ``group`` with a dense gradient (geoopt's default Euclidean
+        manifold), stepped with multi-tensor ops unless ``foreach=False``."""
+        if group.get("foreach") is False:
+            return []
+        return [p for p in group["params"] if p.grad is not None and not p.grad.is_sparse
+                and not isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor))]
+
+    @staticmethod
+    def _lists(params: list, key) -> list:
+        """``params`` in lists of one device, dtype and ``key(p)`` (multi-tensor ops' lists)."""
+        lists: dict = {}
+        for p in params:
+            lists.setdefault((p.device, p.dtype, key(p)), []).append(p)
+        return list(lists.values())
+
     def step(self, closure=None):
         """One step for every parameter with a gradient; ``closure`` (optional) re-evaluates
         the model and returns the loss."""
@@ -71,7 +90,9 @@ class _ShapeGroups:
         with torch.no_grad():
             staged = [(members, *self._stage(members, group))
                       for group, lists in zip(self.param_groups, batches) for members in lists]
-        batched = [{id(p) for members in lists for p in members} for lists in batches]
+        plain = [self._plain(group) for group in self.param_groups]
+        batched = [{id(p) for members in lists for p in members} | {id(p) for p in ps}
+                   for lists, ps in zip(batches, plain)]
         saved = [(group["params"], group["stabilize"]) for group in self.param_groups]
         try:  # geoopt's own step for the rest, our stabilize below
             for group, ours in zip(self.param_groups, batched):
@@ -84,6 +105,9 @@ class _ShapeGroups:
             for group, (params, stabilize) in zip(self.param_groups, saved):
                 group["params"], group["stabilize"] = params, stabilize
         with torch.no_grad():
+            for group, ps in zip(self.param_groups, plain):
+                if ps:
+                    self._euclidean_step(ps, group)
             for members, point, states in staged:
                 write_staged(members, [self.state[p] for p in members], point, states)
             for group in self.param_groups:
@@ -133,6 +157,27 @@ class RiemannianSGD(_ShapeGroups, geoopt.optim.RiemannianSGD):
         direction = rgrad.add(buf, alpha=momentum) if group["nesterov"] else buf
         point, buf = mf.retr_transp(x, -lr * direction, buf)
         return point, {"momentum_buffer": buf}
+
+    def _euclidean_step(self, params: list, group: dict) -> None:
+        """geoopt's step of plain tensors (egrad2rgrad and transport the identity, the
+        retraction ``x + u``), as multi-tensor ops."""
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for ps in self._lists(params, lambda p: None):
+            states = [self.state[p] for p in ps]
+            if momentum > 0:
+                for p, state in zip(ps, states):
+                    if not state:  # geoopt: the gradient before the decay
+                        state["momentum_buffer"] = p.grad.clone()
+            grads = [p.grad for p in ps]
+            if wd:
+                grads = torch._foreach_add(grads, ps, alpha=wd)
+            direction = grads
+            if momentum > 0:
+                bufs = [state["momentum_buffer"] for state in states]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
+                direction = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+            torch._foreach_add_(ps, torch._foreach_mul(direction, -lr))
 
     def _stabilize_due(self, group: dict) -> bool:
         return group["step"] % group["stabilize"] == 0  # geoopt counts steps per group
@@ -184,6 +229,39 @@ class RiemannianAdam(_ShapeGroups, geoopt.optim.RiemannianAdam):
         direction = m.div(1 - b1**step) / denom.add_(group["eps"])
         point, out["exp_avg"] = mf.retr_transp(x, -lr * direction, m)
         return point, out
+
+    def _euclidean_step(self, params: list, group: dict) -> None:
+        """geoopt's Adam step of plain tensors (``component_inner`` the square, transport the
+        identity, the retraction ``x + u``), as multi-tensor ops, a list per step count."""
+        (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p)
+        for ps in self._lists(params, lambda p: self.state[p]["step"]):
+            states = [self.state[p] for p in ps]
+            step = states[0]["step"] + 1
+            for state in states:
+                state["step"] = step
+            grads = [p.grad for p in ps]
+            if wd:
+                grads = torch._foreach_add(grads, ps, alpha=wd)
+            m, v = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, grads, alpha=1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_add_(v, torch._foreach_pow(grads, 2), alpha=1 - b2)
+            if group["amsgrad"]:
+                vmax = [state["max_exp_avg_sq"] for state in states]
+                torch._foreach_maximum_(vmax, v)
+                v = vmax
+            denom = torch._foreach_div(v, 1 - b2**step)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["eps"])
+            direction = torch._foreach_div(torch._foreach_div(m, 1 - b1**step), denom)
+            torch._foreach_add_(ps, torch._foreach_mul(direction, -lr))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, with the step counters kept as geoopt's Python ints: torch's Adam turns

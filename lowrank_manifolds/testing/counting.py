@@ -19,7 +19,7 @@ two methods are wrapped while the counter is active.
 from __future__ import annotations
 
 import collections
-from typing import Counter, Optional
+from typing import Counter, Iterable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,11 +73,21 @@ class OpCounter(TorchDispatchMode):
         (on a GPU, each is a synchronisation; a read of a CPU tensor is counted too).
     by_name : collections.Counter
         Operators by name (``"mm"``, ``"view"``, ...); ``"tolist"`` and ``"numpy"`` for those calls.
+    exempt_reads : int
+        Reads of the ``exempt`` tensors, in neither ``reads`` nor ``kernels``.
+
+    Parameters
+    ----------
+    exempt : iterable of Tensor, optional
+        Tensors whose reads are not counted in ``reads`` or ``kernels`` (``exempt_reads`` instead): e.g. the
+        0-dim step counters that ``torch.optim``'s Adam keeps on the CPU on every device and
+        reads once per parameter, which cost no synchronisation.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exempt: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
-        self.ops = self.kernels = self.reads = 0
+        self.ops = self.kernels = self.reads = self.exempt_reads = 0
+        self._exempt = {t.data_ptr() for t in exempt}
         self.by_name: Counter[str] = collections.Counter()
         self._saved: Optional[dict] = None
         self._inside = False
@@ -85,8 +95,11 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops += 1
-        self.kernels += not _is_view(func)
-        self.reads += _reads(func, args, kwargs)
+        if _reads(func, args, kwargs) and args and torch.is_tensor(args[0]) and args[0].data_ptr() in self._exempt:
+            self.exempt_reads += 1
+        else:
+            self.kernels += not _is_view(func)
+            self.reads += _reads(func, args, kwargs)
         self.by_name[func.overloadpacket.__name__] += 1
         return func(*args, **kwargs)
 
