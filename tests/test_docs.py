@@ -47,7 +47,11 @@ def blocks(path: str):
 
 
 def script(path: str, slow: bool) -> str:
-    parts = ["import warnings", "warnings.filterwarnings('ignore', message='.*torch.jit.script.*')"]
+    # from a fixed seed: a block on random data behaves the same in every run (a block that
+    # fails on some draws is a bug of the block, as the completion example's rate at the edge
+    # of stability was)
+    parts = ["import warnings", "warnings.filterwarnings('ignore', message='.*torch.jit.script.*')",
+             "import torch", "torch.manual_seed(0)"]
     for line, setup, code, teardown, is_slow in blocks(path):
         if is_slow and not slow:
             continue
